@@ -1,0 +1,194 @@
+"""The CPU engine: causal FFT convolution on numpy arrays with scipy.fft.
+
+Everything runs in the compute dtype (float32, or float64 for float64 inputs) on
+rows of the (B, H, L) input, in cache-sized chunks spread over a thread pool
+(scipy.fft and numpy release the GIL). What makes it faster than the usual
+torch.fft `fftconv_ref` (measured in bench/sweep.py):
+
+- the FFT size is L + Lk - 1 rounded up to a 5-smooth length, not 2L;
+- the kernel spectrum is computed once per call (or passed in precomputed), never
+  per batch row;
+- rows are zero-padded into a reused per-thread buffer: scipy's own `n=` padding
+  path is several times slower than an FFT of an already padded buffer, and a fresh
+  buffer per call costs page faults;
+- the product with K and the inverse FFT work in place, and the epilogue (+ D*x,
+  output gate) writes straight into the output through `out=`.
+
+Forward:  z = irfft(rfft(x) * K)[:L] + D x,  y = g_out z,  with x = g_in u.
+Backward: dz = g_out dy;  dx = irfft(rfft(dz) * conj(K))[:L] + D dz  (a causal
+correlation: N >= L + Lk - 1 keeps the wrap-around out of t < L);
+dk = irfft(sum_b conj(X_b) * DZ_b)[:Lk];  dD = sum_{b,t} dz x.
+"""
+import concurrent.futures
+import os
+import threading
+
+import numpy as np
+import scipy.fft as sfft
+
+# A chunk's padded real buffer targets this many bytes: small enough that the
+# rfft -> product -> irfft sequence of a chunk stays in L2.
+_CHUNK_BYTES = 1 << 20
+# Below this many output elements the thread pool costs more than it saves.
+_PARALLEL_MIN_ELEMS = 1 << 16
+
+_tls = threading.local()
+_pool_lock = threading.Lock()
+_pool = None
+
+
+def num_threads():
+    """Worker threads used by the CPU engine (FLASHCONV_NUM_THREADS overrides)."""
+    env = os.environ.get("FLASHCONV_NUM_THREADS", "").strip()
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _executor():
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers != num_threads():
+            _pool = concurrent.futures.ThreadPoolExecutor(num_threads(), "flashconv-cpu")
+        return _pool
+
+
+def fft_size(L, lk):
+    """FFT length for a causal linear convolution of L outputs with lk taps (lk = 0: none)."""
+    return int(sfft.next_fast_len(max(L + max(lk, 1) - 1, 1), real=True))
+
+
+def kernel_spectrum(k, L, n, dtype):
+    """rfft of k (H, Lk) truncated to L taps, zero-padded to n: (H, n//2 + 1) complex."""
+    k = np.asarray(k)[:, :L].astype(dtype, copy=False)
+    return sfft.rfft(k, n=n, axis=-1)
+
+
+def _pad_buffer(rows, n, dtype):
+    """A per-thread (rows, n) buffer, reused across calls; the caller fills all of it."""
+    key = (rows, n, np.dtype(dtype).str)
+    buf = getattr(_tls, "buffers", {}).get(key)
+    if buf is None:
+        _tls.buffers = {key: np.empty((rows, n), dtype)}  # keep one: bounded memory
+        buf = _tls.buffers[key]
+    return buf
+
+
+def _chunks(B, H, n, itemsize):
+    """(b, h0, h1) work items whose padded buffers hold about _CHUNK_BYTES."""
+    hc = max(1, min(H, _CHUNK_BYTES // max(1, n * itemsize)))
+    return [(b, h0, min(H, h0 + hc)) for b in range(B) for h0 in range(0, H, hc)]
+
+
+def _run(items, fn, total_elems):
+    if len(items) > 1 and total_elems >= _PARALLEL_MIN_ELEMS and num_threads() > 1:
+        list(_executor().map(fn, items))
+    else:
+        for it in items:
+            fn(it)
+
+
+def _rfft_padded(src, L, n, dtype, scale=None):
+    """rfft of rows `src` (rows, L) (times `scale` if given) zero-padded to n."""
+    buf = _pad_buffer(src.shape[0], n, dtype)
+    if scale is None:
+        buf[:, :L] = src
+    else:
+        np.multiply(src, scale, out=buf[:, :L])
+    buf[:, L:] = 0
+    return sfft.rfft(buf, axis=-1)
+
+
+def conv_forward(u, K, n, D=None, g_in=None, g_out=None, dtype=np.float32):
+    """y (B, H, L) in `dtype` from u (B, H, L) and K = kernel_spectrum(k, L, n, dtype).
+
+    u, D and the gates may be any real dtype and any strides; they are read once.
+    """
+    B, H, L = u.shape
+    out = np.empty((B, H, L), dtype)
+
+    def work(item):
+        b, h0, h1 = item
+        gi = None if g_in is None else g_in[b, h0:h1]
+        X = _rfft_padded(u[b, h0:h1], L, n, dtype, gi)
+        X *= K[h0:h1]
+        z = sfft.irfft(X, n=n, axis=-1, overwrite_x=True)[:, :L]
+        o = out[b, h0:h1]
+        if D is not None:
+            # D * x with x = g_in * u, recomputed rather than stored (one more read of u).
+            x = u[b, h0:h1] if gi is None else u[b, h0:h1] * gi
+            np.multiply(x, D[h0:h1, None], out=o)
+            o += z
+        else:
+            o[...] = z
+        if g_out is not None:
+            o *= g_out[b, h0:h1]
+
+    _run(_chunks(B, H, n, np.dtype(dtype).itemsize), work, B * H * L)
+    return out
+
+
+def conv_backward(dy, u, K, n, lk, D=None, g_in=None, g_out=None, dtype=np.float32,
+                  need_k=True, need_D=True, need_gates=True):
+    """Gradients of conv_forward: dict with du, dk (H, lk), dD, dg_in, dg_out (or None).
+
+    dk is the gradient for the first lk taps only (the caller zero-fills taps >= L).
+    """
+    B, H, L = u.shape
+    du = np.empty((B, H, L), dtype)
+    dg_in = np.empty((B, H, L), dtype) if (need_gates and g_in is not None) else None
+    dg_out = np.empty((B, H, L), dtype) if (need_gates and g_out is not None) else None
+    dD_rows = np.zeros((B, H), np.float64) if (need_D and D is not None) else None
+    Kc = np.conj(K)
+    accs = {}  # thread id -> (H, n//2+1) partial sum over batch rows of conj(X) DZ
+
+    def work(item):
+        b, h0, h1 = item
+        uu = u[b, h0:h1]
+        x = uu if g_in is None else uu * g_in[b, h0:h1]
+        dyb = dy[b, h0:h1]
+        if g_out is not None:
+            dz = dyb * g_out[b, h0:h1]
+        else:
+            dz = dyb
+        DZ = _rfft_padded(dz, L, n, dtype)
+        if need_k:
+            X = _rfft_padded(x, L, n, dtype)
+            acc = accs.get(threading.get_ident())
+            if acc is None:
+                acc = accs.setdefault(threading.get_ident(),
+                                      np.zeros((H, n // 2 + 1), DZ.dtype))
+            np.conjugate(X, out=X)
+            X *= DZ
+            acc[h0:h1] += X
+        if dg_out is not None:
+            # dg_out = dy * z, z = conv(x, k) + D x: one more inverse FFT of X K.
+            Xf = _rfft_padded(x, L, n, dtype)
+            Xf *= K[h0:h1]
+            z = sfft.irfft(Xf, n=n, axis=-1, overwrite_x=True)[:, :L]
+            if D is not None:
+                z = z + x * D[h0:h1, None]
+            np.multiply(dyb, z, out=dg_out[b, h0:h1])
+        DZ *= Kc[h0:h1]
+        dx = sfft.irfft(DZ, n=n, axis=-1, overwrite_x=True)[:, :L]
+        if D is not None:
+            dx += dz * D[h0:h1, None]
+            if dD_rows is not None:
+                dD_rows[b, h0:h1] = np.einsum("ht,ht->h", dz, x, dtype=np.float64)
+        if dg_in is not None:
+            np.multiply(dx, uu, out=dg_in[b, h0:h1])
+        if g_in is not None:
+            np.multiply(dx, g_in[b, h0:h1], out=du[b, h0:h1])
+        else:
+            du[b, h0:h1] = dx
+
+    _run(_chunks(B, H, n, np.dtype(dtype).itemsize), work, B * H * L)
+    dk = None
+    if need_k:
+        total = sum(accs.values()) if accs else np.zeros((H, n // 2 + 1), np.result_type(dtype, np.complex64))
+        dk = sfft.irfft(total, n=n, axis=-1)[:, :lk].astype(dtype, copy=False)
+    dD = dD_rows.sum(axis=0).astype(dtype) if dD_rows is not None else None
+    return {"du": du, "dk": dk, "dD": dD, "dg_in": dg_in, "dg_out": dg_out}
