@@ -1,0 +1,142 @@
+"""float64 references for the gated causal convolution (DESIGN.md section 1).
+
+    x[b,h,t] = g_in[b,h,t] * u[b,h,t]
+    y[b,h,t] = g_out[b,h,t] * ( sum_{s<=t} k[h,s] * x[b,h,t-s]  +  D[h] * x[b,h,t] )
+
+Shapes: u, g_in, g_out, y (B, H, L); k (H, Lk); D (H,). A kernel shorter than L is
+zero-extended, a longer one is truncated to L (taps s >= L never reach an output t < L).
+g_in, g_out and D are optional (None: absent, i.e. ones / zero).
+
+Two independent computations are given so that each checks the other: a direct sum
+(causal_conv_direct) and an FFT convolution (fftconv), plus the analytic gradients
+(fftconv_grads) that the backward kernel must reproduce.
+"""
+
+import numpy as np
+import scipy.fft
+
+__all__ = ["causal_conv_direct", "fftconv", "fftconv_grads"]
+
+
+def _prepare(u, k, D, g_in, g_out):
+    """Validate shapes and convert to float64; returns (u, k_eff, D, g_in, g_out, x).
+
+    k_eff is k truncated to min(Lk, L) taps; x is the gated input g_in * u.
+    """
+    u = np.asarray(u, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    if u.ndim != 3:
+        raise ValueError(f"u must be (B, H, L), got shape {u.shape}")
+    B, H, L = u.shape
+    if k.ndim != 2 or k.shape[0] != H or k.shape[1] < 1:
+        raise ValueError(f"k must be (H, Lk) with H={H}, Lk >= 1, got shape {k.shape}")
+    k_eff = k[:, : min(k.shape[1], L)]
+    if D is not None:
+        D = np.asarray(D, dtype=np.float64)
+        if D.shape != (H,):
+            raise ValueError(f"D must be ({H},), got shape {D.shape}")
+    gates = []
+    for name, g in (("g_in", g_in), ("g_out", g_out)):
+        if g is not None:
+            g = np.asarray(g, dtype=np.float64)
+            if g.shape != u.shape:
+                raise ValueError(f"{name} must have u's shape {u.shape}, got {g.shape}")
+        gates.append(g)
+    g_in, g_out = gates
+    x = u if g_in is None else g_in * u
+    return u, k_eff, D, g_in, g_out, x
+
+
+def _finish(z, x, D, g_out):
+    """Add the skip term and apply the output gate to the convolution z (B, H, L)."""
+    if D is not None:
+        z = z + D[:, None] * x
+    if g_out is not None:
+        z = g_out * z
+    return z
+
+
+def causal_conv_direct(u, k, D=None, g_in=None, g_out=None):
+    """Direct (O(L * Lk)) float64 causal convolution; returns y (B, H, L) float64.
+
+    Exactly the defining sum, with no transform involved: the ground truth for the
+    FFT-based references on small and medium sizes.
+    """
+    u, k, D, g_in, g_out, x = _prepare(u, k, D, g_in, g_out)
+    B, H, L = x.shape
+    Lk = k.shape[1]
+    if B * H < Lk:
+        # Few long rows: one compiled convolution per row costs B*H Python calls.
+        z = np.empty((B, H, L))  # (B, H, L) float64
+        for b in range(B):
+            for h in range(H):
+                z[b, h] = np.convolve(x[b, h], k[h])[:L]
+    else:
+        # Many rows: one vectorised shifted multiply-add per tap costs Lk Python calls.
+        z = np.zeros((B, H, L))  # (B, H, L) float64
+        for s in range(Lk):
+            z[:, :, s:] += k[None, :, s, None] * x[:, :, : L - s]
+    return _finish(z, x, D, g_out)
+
+
+def _fft_len(L, Lk):
+    """Linear (not circular) convolution of L inputs with Lk taps needs n >= L + Lk - 1."""
+    return scipy.fft.next_fast_len(L + Lk - 1, real=True)
+
+
+def fftconv(u, k, D=None, g_in=None, g_out=None):
+    """float64 FFT causal convolution (scipy.fft, n = next fast length >= L + min(Lk,L) - 1).
+
+    The float64 counterpart of the H3/Hyena/S4 ``fftconv_ref``; returns y (B, H, L).
+    """
+    u, k, D, g_in, g_out, x = _prepare(u, k, D, g_in, g_out)
+    L = x.shape[-1]
+    n = _fft_len(L, k.shape[1])
+    z = scipy.fft.irfft(scipy.fft.rfft(x, n) * scipy.fft.rfft(k, n), n)[..., :L]  # (B, H, L)
+    return _finish(z, x, D, g_out)
+
+
+def fftconv_grads(u, k, dy, D=None, g_in=None, g_out=None):
+    """Analytic float64 gradients of y = fftconv(u, k, D, g_in, g_out) given dL/dy = dy.
+
+    With z = conv(k, x) + D * x (the convolution before the output gate) and
+    dz = dy * g_out:
+
+      du[b,h,t]    = g_in * dx,  dx[b,h,t] = sum_s k[h,s] dz[b,h,t+s] + D[h] dz[b,h,t]
+                     (the causal correlation of dz with k: the adjoint of the convolution)
+      dk[h,s]      = sum_b sum_t dz[b,h,t] x[b,h,t-s]    (zero for s >= L when Lk > L)
+      dD[h]        = sum_b sum_t dz[b,h,t] x[b,h,t]
+      dg_in[b,h,t] = dx * u,   dg_out[b,h,t] = dy * z
+
+    Returns a dict with keys du, dk (shape (H, Lk) of the k given), dD, dg_in, dg_out;
+    an entry is None where the corresponding input is None.
+    """
+    Lk_full = np.shape(k)[-1]
+    u, k, D, g_in, g_out, x = _prepare(u, k, D, g_in, g_out)
+    dy = np.asarray(dy, dtype=np.float64)
+    if dy.shape != u.shape:
+        raise ValueError(f"dy must have u's shape {u.shape}, got {dy.shape}")
+    H, L = x.shape[1], x.shape[2]
+    Lk = k.shape[1]
+    # Correlations are products with conjugated spectra; n >= L + Lk - 1 keeps every
+    # lag t + s < n, so nothing wraps around the circular transform.
+    n = _fft_len(L, Lk)
+    X = scipy.fft.rfft(x, n)  # (B, H, n//2+1) complex128
+    Kf = scipy.fft.rfft(k, n)  # (H, n//2+1) complex128
+    z = scipy.fft.irfft(X * Kf, n)[..., :L]  # (B, H, L): conv before skip and gate
+    if D is not None:
+        z = z + D[:, None] * x
+    dz = dy if g_out is None else dy * g_out
+    DZ = scipy.fft.rfft(dz, n)  # (B, H, n//2+1) complex128
+    dx = scipy.fft.irfft(DZ * np.conj(Kf), n)[..., :L]  # (B, H, L)
+    if D is not None:
+        dx = dx + D[:, None] * dz
+    dk = np.zeros((H, Lk_full))  # (H, Lk): taps beyond L get no gradient
+    dk[:, :Lk] = scipy.fft.irfft(DZ * np.conj(X), n)[..., :Lk].sum(axis=0)
+    return {
+        "du": dx if g_in is None else dx * g_in,
+        "dk": dk,
+        "dD": None if D is None else (dz * x).sum(axis=(0, 2)),
+        "dg_in": None if g_in is None else dx * u,
+        "dg_out": None if g_out is None else dy * z,
+    }
