@@ -9,7 +9,10 @@ Dispatch, by the type and device of `u`:
 numpy.ndarray          the CPU engine (scipy.fft, flashconv/_cpu.py)
 torch.Tensor on CPU    the CPU engine through zero-copy numpy views, with a
                        torch.autograd.Function for gradients
-torch.Tensor on CUDA   torch.fft (the fused CUDA kernel replaces it as it lands)
+torch.Tensor on CUDA   the fused block-FFT kernel (flashconv._C) for float32,
+                       float16 and bfloat16 where its FFT size fits on chip
+                       (L <= 16K; float32 L <= 8K), else torch.fft. Gradients:
+                       torch.fft (the backward kernel has not landed yet).
 =====================  =====================================================
 
 torch is optional: numpy users never import it.
@@ -19,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashconv import _cpu
+from flashconv import _cpu, _ext
+from flashconv.plan import fused_fft_size, monarch_perm
 
 try:
     import torch
@@ -71,13 +75,15 @@ class KernelSpectrum:
     every step computes this once; gradients do not flow into a precomputed spectrum.
     """
 
-    spectrum: object  # (H, n//2 + 1) complex; numpy array or torch tensor
+    spectrum: object  # layout "rfft": (H, n//2 + 1) complex; "monarch": (H, n) complex64
     L: int            # sequence length it was prepared for
     lk: int           # taps kept: min(Lk, L)
     n: int            # FFT size
     dtype: str        # compute dtype: "float32" or "float64"
     kind: str         # "numpy" or "torch"
     device: str       # "cpu", "cuda:0", ...
+    layout: str = "rfft"   # "monarch": the fused kernel's order, scaled by 2^-exponent
+    exponent: object = None  # (H,) int32 for layout "monarch": K = spectrum * 2^exponent
 
     @property
     def H(self):
@@ -114,9 +120,12 @@ def fft_kernel(k, L, *, dtype=None):
         raise TypeError("fft_kernel: dtype must be float32 or float64, got %s" % dtype)
     lk = min(int(k.shape[1]), L)
     if kind == "torch" and k.is_cuda:
+        if dname == "float32":
+            n = fused_fft_size(L)
+            spec, exp = _monarch_spectrum(k, lk, n)
+            return KernelSpectrum(spec, L, lk, n, dname, kind, str(k.device), "monarch", exp)
         n = _cuda_fft_size(L, lk)
-        kk = k[:, :lk].to(getattr(torch, dname))
-        spec = torch.fft.rfft(kk, n=n)
+        spec = torch.fft.rfft(k[:, :lk].to(torch.float64), n=n)
         return KernelSpectrum(spec, L, lk, n, dname, kind, str(k.device))
     n = _cpu.fft_size(L, lk)
     kn = _np_view(k, getattr(torch, dname)) if kind == "torch" else k
@@ -124,6 +133,28 @@ def fft_kernel(k, L, *, dtype=None):
     if kind == "torch":
         spec = torch.from_numpy(spec)
     return KernelSpectrum(spec, L, lk, n, dname, kind, "cpu")
+
+
+def _monarch_spectrum(k, lk, n):
+    """The fused kernel's K: FFT of k[:, :lk] zero-padded to n, in Monarch order, as
+    (H, n) complex64 scaled per channel by 2^-e with max |K| < 2^e, and e as (H,) int32."""
+    spec = torch.fft.fft(k[:, :lk].detach().to(torch.float64), n=n)
+    perm = torch.from_numpy(monarch_perm(n)).to(spec.device)
+    spec = spec.index_select(1, perm)
+    _, e = torch.frexp(spec.abs().amax(dim=1))  # amax = m * 2^e, 0.5 <= m < 1 (e = 0 for 0)
+    spec = torch.ldexp(spec, (-e).unsqueeze(1).to(torch.float64))
+    return spec.to(torch.complex64).contiguous(), e.to(torch.int32).contiguous()
+
+
+def _natural_rfft(ks):
+    """(H, n//2 + 1) spectrum of a KernelSpectrum in natural order (for the torch.fft path)."""
+    if ks.layout == "rfft":
+        return ks.spectrum
+    spec = torch.empty_like(ks.spectrum)
+    perm = torch.from_numpy(monarch_perm(ks.n)).to(spec.device)
+    spec[:, perm] = ks.spectrum
+    spec = torch.ldexp(spec, ks.exponent.unsqueeze(1).to(torch.float32))
+    return spec[:, : ks.n // 2 + 1]
 
 
 def _validate(u, k, D, g_in, g_out):
@@ -206,6 +237,8 @@ def fftconv(u, k, D=None, *, g_in=None, g_out=None):
     if kind == "numpy":
         return _fftconv_numpy(u, k, D, g_in, g_out)
     if u.is_cuda:
+        if _fused_ok(u, k):
+            return _FFTConvCUDA.apply(u, k, D, g_in, g_out)
         return _fftconv_torch_fft(u, k, D, g_in, g_out)
     return _FFTConvCPU.apply(u, k, D, g_in, g_out)
 
@@ -302,7 +335,7 @@ def _fftconv_torch_fft(u, k, D, g_in, g_out):
         return torch.zeros_like(u)
     x = u.to(cdt) if g_in is None else u.to(cdt) * g_in.to(cdt)
     if isinstance(k, KernelSpectrum):
-        K, n = k.spectrum, k.n
+        K, n = _natural_rfft(k), k.n
     else:
         lk = min(int(k.shape[1]), L)
         n = _cuda_fft_size(L, lk)
@@ -313,3 +346,89 @@ def _fftconv_torch_fft(u, k, D, g_in, g_out):
     if g_out is not None:
         y = y * g_out.to(cdt)
     return y.to(u.dtype)
+
+
+# --- the fused CUDA kernel ---------------------------------------------------------------
+
+_DTYPE_CODES = {} if torch is None else {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _fused_ok(u, k):
+    """True if the fused forward kernel serves this call (else the torch.fft path does)."""
+    ext = _ext.extension()
+    if ext is None or u.dtype not in _DTYPE_CODES or _ext.cuda_device_count() == 0:
+        return False
+    B, H, L = u.shape
+    if B * H * L == 0:
+        return False
+    N = fused_fft_size(L)
+    if isinstance(k, KernelSpectrum) and (k.layout != "monarch" or k.n != N):
+        return False
+    code = _DTYPE_CODES[u.dtype]
+    bytes_per = 8 if code == 0 else 4  # complex fp32 or fp16 per element on chip
+    return N <= ext.fftconv_fwd_max_n(code) and N * bytes_per <= _max_smem(u.device.index)
+
+
+_SMEM = {}
+
+
+def _max_smem(device):
+    if device not in _SMEM:
+        _SMEM[device] = _ext.extension().max_shared_memory(device)
+    return _SMEM[device]
+
+
+def _strides(t):
+    return (0, 0, 0) if t is None else tuple(int(s) for s in t.stride())
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def _fused_forward(u, k, D, g_in, g_out):
+    B, H, L = u.shape
+    N = fused_fft_size(L)
+    if isinstance(k, KernelSpectrum):
+        K, kexp = k.spectrum, k.exponent
+    else:
+        K, kexp = _monarch_spectrum(k, min(int(k.shape[1]), L), N)
+    Kf = torch.view_as_real(K)  # (H, N, 2) float32, contiguous
+    Df = None if D is None else D.detach().to(torch.float32).contiguous()
+    gi = None if g_in is None else g_in.detach().to(u.dtype)
+    go = None if g_out is None else g_out.detach().to(u.dtype)
+    y = torch.empty((B, H, L), dtype=u.dtype, device=u.device)
+    stream = torch.cuda.current_stream(u.device).cuda_stream
+    _ext.extension().fftconv_fwd(
+        _ptr(u), _ptr(gi), _ptr(go), _ptr(y), _ptr(Kf), _ptr(kexp), _ptr(Df), B, H, L, N,
+        _strides(u), _strides(gi), _strides(go), _strides(y), _DTYPE_CODES[u.dtype],
+        u.device.index, stream)
+    return y
+
+
+if torch is not None:
+
+    class _FFTConvCUDA(torch.autograd.Function):
+        """Forward: the fused kernel. Backward: autograd through the torch.fft path (recomputed)."""
+
+        @staticmethod
+        def forward(ctx, u, k, D, g_in, g_out):
+            ctx.k_spec = k if isinstance(k, KernelSpectrum) else None
+            ctx.save_for_backward(u, None if ctx.k_spec is not None else k, D, g_in, g_out)
+            return _fused_forward(u.detach(), k if ctx.k_spec is not None else k.detach(), D, g_in, g_out)
+
+        @staticmethod
+        def backward(ctx, dy):
+            u, k, D, g_in, g_out = ctx.saved_tensors
+            k_in = ctx.k_spec if ctx.k_spec is not None else k
+            leaves = [t.detach().requires_grad_(need) if t is not None and need else t
+                      for t, need in zip((u, k, D, g_in, g_out), ctx.needs_input_grad)]
+            if ctx.k_spec is not None:
+                leaves[1] = k_in
+            with torch.enable_grad():
+                y = _fftconv_torch_fft(*leaves)
+                wrt = [t for t, need in zip(leaves, ctx.needs_input_grad)
+                       if need and isinstance(t, torch.Tensor)]
+                grads = iter(torch.autograd.grad(y, wrt, dy, allow_unused=True)) if wrt else iter(())
+            return tuple(next(grads) if need and isinstance(t, torch.Tensor) else None
+                         for t, need in zip(leaves, ctx.needs_input_grad))

@@ -1,0 +1,279 @@
+// Block (Monarch) FFT stages on a complex row held in shared memory (DESIGN.md section 3).
+//
+// Plan: N = 16^n16 * r with r in {1, 2, 4, 8}: n16 radix-16 stages, then (if r > 1) one
+// radix-r stage. Stage s (0-based) views each block of 16*S_s elements, S_s = N / 16^(s+1),
+// as a 16 x S_s matrix X[i][c] = x[i*S_s + c] and computes
+//     X = F16 @ X            (DFT along i: 16x16 DFT matrix times the data)
+//     X = X * tw             (tw[k1][c] = w_{16 S_s}^(k1 c), only if another stage follows)
+// in place, so the spectrum ends in Monarch (transposed) order: python_ref.blockfft mirrors
+// this plan, and flashconv/plan.py gives the permutation. The radix-r stage works on
+// contiguous groups of r (S = 1) and has no twiddle. The inverse runs the stages in reverse
+// with conjugate DFT matrices; the conjugate twiddle of stage s is applied in the epilogue
+// of the inverse of stage s+1, which writes exactly the elements stage s then reads.
+//
+// Two ways to compute a radix-16 stage, chosen by the storage type:
+//   cf16 storage (fp16/bf16 io): tensor cores. A 16x8 complex tile (8 vectors of 16) is
+//     F16 @ X as four m16n8k16 mma with fp16 operands and fp32 accumulation:
+//       forward  Re = Fr Xr - Fi Xi,  Im = Fr Xi + Fi Xr
+//       inverse  Re = Fr Xr + Fi Xi,  Im = Fr Xi - Fi Xr
+//     F16 is scaled by 1/4 (exact) so random data keeps its magnitude from stage to stage;
+//     values are rounded to fp16 when stored, and any |value| > 65504 raises an overflow flag
+//     (the kernel then redoes the row with a smaller input scale: never a silent inf).
+//   cf32 storage (fp32 io): CUDA cores, one thread per 16-vector, direct DFT in fp32: float32
+//     accuracy, never tf32/fp16.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "flashconv/fftconv_params.h"
+#include "flashconv/hw.h"
+
+namespace flashconv {
+
+using hw::bf16_t;
+using hw::half_t;
+
+struct cf16 {
+  half_t re, im;
+};
+
+constexpr float kFp16Max = 65504.f;
+
+struct Plan {
+  int n16;  // radix-16 stages
+  int r;    // last radix: 1 (none), 2, 4 or 8
+};
+
+FC_HOST_DEVICE Plan make_plan(int64_t N) {
+  Plan p{0, 1};
+  while (N >= 16) {
+    N /= 16;
+    ++p.n16;
+  }
+  p.r = int(N);
+  return p;
+}
+
+// Stride S of radix-16 stage s: N / 16^(s+1).
+FC_HOST_DEVICE int64_t stage_stride(int64_t N, int s) { return N >> (4 * (s + 1)); }
+
+// cos and sin of 2*pi*j/16: the DFT-16 matrix entries and the radix-2/4/8 roots.
+FC_HOST_DEVICE float cos16(int j) {
+  switch (j & 15) {
+    case 0: return 1.f;
+    case 1: case 15: return 0.923879532511286756f;
+    case 2: case 14: return 0.707106781186547524f;
+    case 3: case 13: return 0.382683432365089772f;
+    case 4: case 12: return 0.f;
+    case 5: case 11: return -0.382683432365089772f;
+    case 6: case 10: return -0.707106781186547524f;
+    case 7: case 9: return -0.923879532511286756f;
+    default: return -1.f;
+  }
+}
+FC_HOST_DEVICE float sin16(int j) { return cos16(j - 4); }  // sin(x) = cos(x - pi/2)
+
+// sin(pi x), cos(pi x) to float accuracy (a math-library call, not a hardware feature).
+FC_DEVICE void sincospi(float x, float* s, float* c) {
+#if defined(__CUDACC__)
+  sincospif(x, s, c);
+#else
+  const double a = 3.14159265358979323846 * double(x);
+  *s = float(std::sin(a));
+  *c = float(std::cos(a));
+#endif
+}
+
+FC_DEVICE bool finite(float x) { return fabsf(x) <= 3.402823466e38f; }  // false for inf and NaN
+
+FC_DEVICE void cmul(float& re, float& im, float br, float bi) {
+  const float r = re * br - im * bi;
+  im = re * bi + im * br;
+  re = r;
+}
+
+// w_{16 S}^(k1 c) for the element at `pos` of a stage with stride S (conjugated if inverse).
+FC_DEVICE void stage_twiddle(int64_t pos, int64_t S, bool inverse, float& wr, float& wi) {
+  const int64_t within = pos & (16 * S - 1);
+  const int64_t m = (within / S) * (within & (S - 1));  // k1 * c < 16 S: exact in float
+  float s, c;
+  sincospi(-float(m) / float(8 * S), &s, &c);   // angle -2 pi m / (16 S)
+  wr = c;
+  wi = inverse ? -s : s;
+}
+
+// Storage of one complex value between stages.
+FC_DEVICE void load_c(const cf32& v, float& re, float& im) {
+  re = v.re;
+  im = v.im;
+}
+FC_DEVICE void load_c(const cf16& v, float& re, float& im) {
+  re = hw::to_float(v.re);
+  im = hw::to_float(v.im);
+}
+FC_DEVICE void store_c(cf32& v, float re, float im, int*) {
+  v.re = re;
+  v.im = im;
+}
+FC_DEVICE void store_c(cf16& v, float re, float im, int* overflow) {
+  if (!(fabsf(re) <= kFp16Max && fabsf(im) <= kFp16Max) && finite(re) && finite(im))
+    *overflow = 1;  // the calling thread's own flag
+  v.re = hw::from_float<half_t>(re);
+  v.im = hw::from_float<half_t>(im);
+}
+
+// Epilogue of an in-place stage: optional twiddle of the stage with stride tw_S (0: none),
+// then store. tw_inverse conjugates the twiddle.
+template <class S>
+struct StoreShared {
+  S* buf;
+  int64_t tw_S;
+  bool tw_inverse;
+  int* overflow;
+  FC_DEVICE void operator()(int64_t pos, float re, float im) const {
+    if (tw_S) {
+      float wr, wi;
+      stage_twiddle(pos, tw_S, tw_inverse, wr, wi);
+      cmul(re, im, wr, wi);
+    }
+    store_c(buf[pos], re, im, overflow);
+  }
+};
+
+// Direct DFT of R values in registers (R in {2, 4, 8, 16}), times `scale`.
+template <int R>
+FC_DEVICE void dft_small(float (&re)[R], float (&im)[R], bool inverse, float scale) {
+  float outr[R], outi[R];
+  FC_UNROLL
+  for (int k = 0; k < R; ++k) {
+    float ar = 0.f, ai = 0.f;
+    FC_UNROLL
+    for (int i = 0; i < R; ++i) {
+      const int j = (k * i * (16 / R)) & 15;  // w_R^(k i) = w_16^(k i 16/R)
+      const float wr = cos16(j), wi = inverse ? sin16(j) : -sin16(j);
+      ar += re[i] * wr - im[i] * wi;
+      ai += re[i] * wi + im[i] * wr;
+    }
+    outr[k] = ar * scale;
+    outi[k] = ai * scale;
+  }
+  FC_UNROLL
+  for (int k = 0; k < R; ++k) {
+    re[k] = outr[k];
+    im[k] = outi[k];
+  }
+}
+
+// A stage on CUDA cores: each thread transforms whole vectors of R elements at stride S
+// (block size R*S), in place, in fp32. zero_upper: inputs i >= R/2 are known zeros (the
+// causal padding of the first forward stage) and are not read.
+template <int R, class Store, class Epi>
+FC_DEVICE void stage_simt(Store* buf, int64_t N, int64_t S, bool inverse, bool zero_upper,
+                          float scale, const Epi& epi) {
+  const int64_t nvec = N / R;
+  for (int64_t v = hw::thread_idx(); v < nvec; v += hw::block_dim()) {
+    const int64_t base = (v / S) * (R * S) + (v % S);
+    float re[R], im[R];
+    FC_UNROLL
+    for (int i = 0; i < R; ++i) {
+      if (zero_upper && i >= R / 2) {
+        re[i] = im[i] = 0.f;
+      } else {
+        load_c(buf[base + i * S], re[i], im[i]);
+      }
+    }
+    dft_small<R>(re, im, inverse, scale);
+    FC_UNROLL
+    for (int k = 0; k < R; ++k) epi(base + k * S, re[k], im[k]);
+  }
+}
+
+// The DFT-16 matrix as mma A fragments (row-major 16x16, scaled by 1/4): Fr, Fi and -Fi.
+struct Dft16Fragments {
+  uint32_t re[4], im[4], neg_im[4];
+};
+
+FC_DEVICE Dft16Fragments dft16_fragments() {
+  Dft16Fragments f;
+  const int g = hw::lane_id() >> 2, t = hw::lane_id() & 3;
+  FC_UNROLL
+  for (int reg = 0; reg < 4; ++reg) {
+    // Register reg holds A[row][col], A[row][col + 1] (PTX ISA m16n8k16 A layout).
+    const int row = g + 8 * (reg & 1), col = 2 * t + 8 * (reg >> 1);
+    const int j0 = (row * col) & 15, j1 = (row * (col + 1)) & 15;
+    f.re[reg] = hw::pack2<half_t>(0.25f * cos16(j0), 0.25f * cos16(j1));
+    f.im[reg] = hw::pack2<half_t>(-0.25f * sin16(j0), -0.25f * sin16(j1));
+    f.neg_im[reg] = hw::pack2<half_t>(0.25f * sin16(j0), 0.25f * sin16(j1));
+  }
+  return f;
+}
+
+// A radix-16 stage on tensor cores over a row of cf16 in shared memory, stride S, in place.
+// Each warp takes 16x8 tiles (8 vectors); lanes hold mma fragments:
+//   B (data)   lane (g, t): vector g of the tile, elements i = 2t, 2t+1 (reg 0), 2t+8, 2t+9 (reg 1)
+//   D (result) lane (g, t): outputs k1 = g (d0, d1), g+8 (d2, d3) of vectors 2t, 2t+1
+template <class Epi>
+FC_DEVICE void stage_tc16(cf16* buf, int64_t N, int64_t S, bool inverse, bool zero_upper,
+                          const Dft16Fragments& F, const Epi& epi) {
+  const int lane = hw::lane_id(), g = lane >> 2, t = lane & 3;
+  const int nwarps = hw::block_dim() / 32;
+  const int64_t nvec = N / 16, ntiles = (nvec + 7) / 8;
+  // forward: Re = Fr Xr + (-Fi) Xi, Im = Fr Xi + Fi Xr; inverse conjugates F.
+  const uint32_t* a_re2 = inverse ? F.im : F.neg_im;
+  const uint32_t* a_im2 = inverse ? F.neg_im : F.im;
+  for (int64_t tile = hw::warp_id(); tile < ntiles; tile += nwarps) {
+    uint32_t br[2] = {0u, 0u}, bi[2] = {0u, 0u};
+    const int64_t v = tile * 8 + g;
+    if (v < nvec) {
+      const int64_t base = (v / S) * (16 * S) + (v % S);
+      FC_UNROLL
+      for (int reg = 0; reg < 2; ++reg) {
+        if (zero_upper && reg == 1) continue;  // rows 8..15 read the causal zero padding
+        const cf16 x0 = buf[base + (2 * t + 8 * reg) * S];
+        const cf16 x1 = buf[base + (2 * t + 1 + 8 * reg) * S];
+        br[reg] = hw::pack2(x0.re, x1.re);
+        bi[reg] = hw::pack2(x0.im, x1.im);
+      }
+    }
+    const float zero[4] = {0.f, 0.f, 0.f, 0.f};
+    float dr[4], di[4];
+    hw::mma_m16n8k16<half_t>(dr, F.re, br, zero);  // Re  = Fr Xr
+    hw::mma_m16n8k16<half_t>(dr, a_re2, bi, dr);   // Re += -/+ Fi Xi
+    hw::mma_m16n8k16<half_t>(di, F.re, bi, zero);  // Im  = Fr Xi
+    hw::mma_m16n8k16<half_t>(di, a_im2, br, di);   // Im += +/- Fi Xr
+    hw::sync_warp();  // every lane has read its inputs before any lane overwrites them
+    FC_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      const int64_t vo = tile * 8 + 2 * t + (e & 1);
+      if (vo >= nvec) continue;
+      const int k1 = g + 8 * (e >> 1);
+      epi((vo / S) * (16 * S) + k1 * S + (vo % S), dr[e], di[e]);
+    }
+  }
+}
+
+// One radix-16 stage with whichever engine the storage type selects.
+template <class Epi>
+FC_DEVICE void stage16(cf16* buf, int64_t N, int64_t S, bool inverse, bool zero_upper,
+                       const Dft16Fragments& F, const Epi& epi) {
+  stage_tc16(buf, N, S, inverse, zero_upper, F, epi);
+}
+template <class Epi>
+FC_DEVICE void stage16(cf32* buf, int64_t N, int64_t S, bool inverse, bool zero_upper,
+                       const Dft16Fragments&, const Epi& epi) {
+  stage_simt<16>(buf, N, S, inverse, zero_upper, 1.f, epi);
+}
+
+// The radix-r stage (r in {2, 4, 8}) on contiguous groups, in fp32 on CUDA cores.
+template <class Store, class Epi>
+FC_DEVICE void stage_last(Store* buf, int64_t N, int r, bool inverse, float scale, const Epi& epi) {
+  switch (r) {
+    case 2: stage_simt<2>(buf, N, 1, inverse, false, scale, epi); break;
+    case 4: stage_simt<4>(buf, N, 1, inverse, false, scale, epi); break;
+    case 8: stage_simt<8>(buf, N, 1, inverse, false, scale, epi); break;
+    default: break;
+  }
+}
+
+}  // namespace flashconv

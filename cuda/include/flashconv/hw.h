@@ -1,0 +1,745 @@
+// flashconv/hw.h: the only way kernel code reaches the hardware.
+//
+// Device code lives in headers and is compiled two ways:
+//   nvcc (__CUDACC__)  every name below is the real builtin or PTX instruction;
+//   g++  (tests/emu)   the same names run a SIMT emulation on the CPU: one host thread per CUDA
+//                      thread, blocks one after another. CI (no GPU) thereby runs the kernels
+//                      unchanged and checks their indexing, barriers and arithmetic, with
+//                      ThreadSanitizer standing in for racecheck and AddressSanitizer for memcheck.
+// Keep the layer as small as the kernels need; anything added needs both sides.
+//
+//   FC_GLOBAL, FC_DEVICE, FC_HOST_DEVICE   __global__, __device__ __forceinline__, both
+//   FC_SHARED        static shared memory: __shared__, or on the CPU a function-local static,
+//                    which is "one per block" because blocks run one after another
+//   FC_UNROLL        #pragma unroll (nothing on the CPU)
+//   half_t, bf16_t   2-byte storage, bit-compatible with __half and __nv_bfloat16
+//   to_float(x), from_float<T>(f)   conversions; round to nearest even like __float2half_rn,
+//                    NaN becomes the canonical 0x7fff
+//   pack2(lo, hi), pack2<T>(flo, fhi)   two 16-bit values in a register, lo in the low half
+//   thread_idx() block_dim() block_idx_x() block_idx_y() grid_dim_x() grid_dim_y()
+//   lane_id() warp_id()              (1-D blocks)
+//   dyn_smem<T>()    the launch's dynamic shared memory
+//   sync_block()     __syncthreads()
+//   sync_warp(), shfl_xor(v, mask), shfl_idx(v, src)   full-warp (all 32 lanes) collectives,
+//                    v float or uint32_t
+//   mma_m16n8k16<T>(d, a, b, c)   mma.sync.aligned.m16n8k16.row.col.f32.{f16|bf16}.{..}.f32,
+//                    fragments as in the PTX ISA, "Matrix Fragments for mma.m16n8k16 with
+//                    floating point type"
+//   Error, Success, error_string(e), Stream, Grid
+//   launch(kernel, grid, threads, dyn_smem_bytes, stream, args...)   returns Error; sets the
+//                    opt-in shared-memory attribute when the request is over 48 KB
+//
+// The emulation (needs C++20; link with -pthread -rdynamic so failures can name the kernel):
+//   - sync_block is a counting barrier on a mutex and condition variable, so ThreadSanitizer
+//     sees exactly the ordering a barrier gives. Threads that exit, or wait at barriers that
+//     can never complete, fail the launch at once (ErrorLaunchFailure) with a message naming
+//     the kernel, the block and where each thread is; so do threads reaching sync_block at
+//     different places, warp lanes in different collectives, and any barrier wait longer than
+//     FC_EMU_TIMEOUT_S seconds (default 60), for spin loops.
+//   - Warp collectives exchange values through a per-warp buffer guarded by a per-warp barrier.
+//     mma_m16n8k16 gathers the 32 lanes' fragments and computes each lane's d from the full
+//     matrices: exact products, fp32 accumulation in k order starting from c. Hardware
+//     accumulation order and rounding differ; only a GPU run checks those.
+//   - Dynamic shared memory is a fresh heap block of exactly the requested size, filled with
+//     0xff bytes (NaN) because the hardware does not clear it. AddressSanitizer builds catch
+//     accesses past its end; other builds check a guard zone after each block. A request over
+//     the target's limit fails the launch (ErrorInvalidValue): emu::set_target_sm(80 | 86 | 89
+//     | 90). Static FC_SHARED arrays are not counted against it, and they start zeroed and keep
+//     their contents from block to block, which a GPU does not promise.
+//   - Blocks run in sequence, so races between blocks, and kernels that wait for another
+//     block, are not emulated. Launches are serialized process-wide.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#define FC_GLOBAL __global__
+#define FC_DEVICE __device__ __forceinline__
+#define FC_HOST_DEVICE __host__ __device__ __forceinline__
+#define FC_SHARED __shared__
+#define FC_UNROLL _Pragma("unroll")
+#else
+#define FC_GLOBAL inline
+#define FC_DEVICE inline
+#define FC_HOST_DEVICE inline
+#define FC_SHARED static
+#define FC_UNROLL
+#endif
+
+namespace flashconv::hw {
+
+struct half_t { uint16_t bits; };
+struct bf16_t { uint16_t bits; };
+static_assert(sizeof(half_t) == 2 && std::is_trivial_v<half_t>);
+static_assert(sizeof(bf16_t) == 2 && std::is_trivial_v<bf16_t>);
+
+struct Grid { int x = 1, y = 1; };
+
+}  // namespace flashconv::hw
+
+#if defined(__CUDACC__)  // ============================================================= GPU
+
+namespace flashconv::hw {
+
+using Error = cudaError_t;
+using Stream = cudaStream_t;
+constexpr Error Success = cudaSuccess;
+constexpr Error ErrorInvalidValue = cudaErrorInvalidValue;  // what launchers return for bad sizes
+constexpr Error ErrorInvalidConfiguration = cudaErrorInvalidConfiguration;
+constexpr Error ErrorLaunchFailure = cudaErrorLaunchFailure;
+inline const char* error_string(Error e) { return cudaGetErrorString(e); }
+
+FC_HOST_DEVICE float to_float(float x) { return x; }
+FC_HOST_DEVICE float to_float(half_t x) { return __half2float(__ushort_as_half(x.bits)); }
+FC_HOST_DEVICE float to_float(bf16_t x) { return __bfloat162float(__ushort_as_bfloat16(x.bits)); }
+
+template <class T>
+FC_HOST_DEVICE T from_float(float f) {
+  if constexpr (std::is_same_v<T, float>) {
+    return f;
+  } else if constexpr (std::is_same_v<T, half_t>) {
+    return half_t{__half_as_ushort(__float2half_rn(f))};
+  } else {
+    static_assert(std::is_same_v<T, bf16_t>, "from_float: T must be float, half_t or bf16_t");
+    return bf16_t{__bfloat16_as_ushort(__float2bfloat16_rn(f))};
+  }
+}
+
+FC_DEVICE int thread_idx() { return threadIdx.x; }
+FC_DEVICE int block_dim() { return blockDim.x; }
+FC_DEVICE int block_idx_x() { return blockIdx.x; }
+FC_DEVICE int block_idx_y() { return blockIdx.y; }
+FC_DEVICE int grid_dim_x() { return gridDim.x; }
+FC_DEVICE int grid_dim_y() { return gridDim.y; }
+FC_DEVICE int lane_id() { return threadIdx.x & 31; }
+FC_DEVICE int warp_id() { return threadIdx.x >> 5; }
+
+template <class T>
+FC_DEVICE T* dyn_smem() {
+  // One declaration type for every instantiation: extern __shared__ arrays must agree.
+  extern __shared__ __align__(16) unsigned char fc_dyn_smem[];
+  return reinterpret_cast<T*>(fc_dyn_smem);
+}
+
+FC_DEVICE void sync_block() { __syncthreads(); }
+FC_DEVICE void sync_warp() { __syncwarp(); }
+FC_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+FC_DEVICE uint32_t shfl_xor(uint32_t v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+FC_DEVICE float shfl_idx(float v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+FC_DEVICE uint32_t shfl_idx(uint32_t v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+
+template <class T>
+FC_DEVICE void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+  if constexpr (std::is_same_v<T, half_t>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+          "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+  } else {
+    static_assert(std::is_same_v<T, bf16_t>, "mma_m16n8k16: T must be half_t or bf16_t");
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+          "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+  }
+}
+
+template <class... P, class... A>
+inline Error launch(void (*kernel)(P...), Grid grid, int threads, size_t dyn_smem_bytes,
+                    Stream stream, A&&... args) {
+  // Above 48 KB a kernel must opt in to the larger carve-out before it is launched.
+  if (dyn_smem_bytes > 48 * 1024) {
+    Error e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(dyn_smem_bytes));
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<dim3(grid.x, grid.y), threads, dyn_smem_bytes, stream>>>(std::forward<A>(args)...);
+  return cudaGetLastError();
+}
+
+}  // namespace flashconv::hw
+
+#else  // ========================================================================= CPU emulation
+
+#if __cplusplus < 202002L
+#error "the CPU emulation in flashconv/hw.h needs C++20 (std::source_location, std::bit_cast)"
+#endif
+
+#include <cxxabi.h>
+#include <dlfcn.h>
+
+#include <atomic>
+#include <bit>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <source_location>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define FC_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define FC_EMU_ASAN 1
+#endif
+#endif
+
+namespace flashconv::hw {
+
+enum Error : int {  // the cudaError_t values of the same names
+  Success = 0,
+  ErrorInvalidValue = 1,
+  ErrorInvalidConfiguration = 9,
+  ErrorLaunchFailure = 719,
+};
+using Stream = void*;
+
+inline const char* error_string(Error e) {
+  switch (e) {
+    case Success: return "no error";
+    case ErrorInvalidValue: return "invalid argument";
+    case ErrorInvalidConfiguration: return "invalid configuration argument";
+    case ErrorLaunchFailure: return "unspecified launch failure";
+  }
+  return "unknown error";
+}
+
+namespace emu {
+
+struct Config {
+  size_t max_dyn_smem = 166912;  // sm_80: 163 KB with the opt-in attribute
+  double timeout_s = 60;         // longest barrier wait before the launch fails
+};
+
+inline Config& config() {
+  static Config c = [] {
+    Config d;
+    if (const char* s = std::getenv("FC_EMU_TIMEOUT_S")) d.timeout_s = std::atof(s);
+    return d;
+  }();
+  return c;
+}
+
+// Per-block shared-memory limit (opt-in) of the emulated target; false if sm is unknown.
+inline bool set_target_sm(int sm) {
+  switch (sm) {
+    case 80: config().max_dyn_smem = 166912; return true;
+    case 86:
+    case 89: config().max_dyn_smem = 101376; return true;
+    case 90: config().max_dyn_smem = 232448; return true;
+  }
+  return false;
+}
+
+// Full text of the last launch failure: kernel, block, and what each thread was doing.
+inline std::string& last_message() {
+  static std::string m;
+  return m;
+}
+
+}  // namespace emu
+
+namespace detail {
+
+using Where = std::source_location;
+constexpr int kWarp = 32;
+constexpr int kSlotWords = 10;  // the most a lane publishes: mma's a[4], b[2], c[4]
+
+inline uint32_t bits_of(float f) { return std::bit_cast<uint32_t>(f); }
+inline float float_of(uint32_t u) { return std::bit_cast<float>(u); }
+
+inline uint16_t half_from_float(float f) {
+  const uint32_t x = bits_of(f), a = x & 0x7fffffffu;
+  const uint16_t sign = (x >> 16) & 0x8000u;
+  if (a > 0x7f800000u) return 0x7fffu;         // NaN
+  if (a >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 (65504 + half an ulp, a tie to even) and inf
+  if (a <= 0x33000000u) return sign;            // <= 2^-25: half the smallest subnormal rounds to 0
+  const int e = int(a >> 23);
+  uint32_t keep, rest, half;
+  if (e < 113) {  // below 2^-14: subnormal, value = m * 2^-24 with m = significand >> (126 - e)
+    const uint32_t m = (a & 0x7fffffu) | 0x800000u;
+    const int shift = 126 - e;
+    keep = m >> shift;
+    rest = m & ((1u << shift) - 1);
+    half = 1u << (shift - 1);
+  } else {  // normal: rebias the exponent, keep the top 10 mantissa bits
+    keep = ((uint32_t(e) - 112) << 10) | ((a >> 13) & 0x3ffu);
+    rest = a & 0x1fffu;
+    half = 0x1000u;
+  }
+  // A carry out of the mantissa correctly moves to the next exponent (or subnormal -> normal).
+  if (rest > half || (rest == half && (keep & 1))) ++keep;
+  return uint16_t(sign | keep);
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 31) return float_of(sign | 0x7f800000u | (m << 13));
+  if (e == 0) return float_of(sign | bits_of(std::ldexp(float(m), -24)));
+  return float_of(sign | ((e + 112) << 23) | (m << 13));
+}
+
+inline uint16_t bf16_from_float(float f) {
+  const uint32_t x = bits_of(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+  return uint16_t((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);  // round half to even on bit 16
+}
+
+inline float bf16_to_float(uint16_t b) { return float_of(uint32_t(b) << 16); }
+
+}  // namespace detail
+
+inline float to_float(float x) { return x; }
+inline float to_float(half_t x) { return detail::half_to_float(x.bits); }
+inline float to_float(bf16_t x) { return detail::bf16_to_float(x.bits); }
+
+template <class T>
+inline T from_float(float f) {
+  if constexpr (std::is_same_v<T, float>) {
+    return f;
+  } else if constexpr (std::is_same_v<T, half_t>) {
+    return half_t{detail::half_from_float(f)};
+  } else {
+    static_assert(std::is_same_v<T, bf16_t>, "from_float: T must be float, half_t or bf16_t");
+    return bf16_t{detail::bf16_from_float(f)};
+  }
+}
+
+namespace detail {
+
+struct Abort {};  // unwinds the threads of a block that has failed
+
+// A counting barrier; arrivals must match in kind (and for sync_block, in place). Rounds
+// alternate between two phases, each with its own lock: a thread that has left round r and
+// arrives at r + 1 touches no lock that a slower thread still takes to leave r, so
+// ThreadSanitizer sees exactly the ordering a barrier gives and no more.
+struct Barrier {
+  struct Phase {
+    std::mutex m;
+    std::condition_variable cv;
+    int arrived = 0;
+    unsigned gen = 0;
+    const char* op = nullptr;  // what the first arrival of this round called, and where
+    Where at;
+  } phase[2];
+};
+
+struct Warp {
+  Barrier bar;
+  // What each lane published, double-buffered by round parity: a lane cannot start round r+2
+  // (overwriting round r's values) before every lane has arrived at r+1, i.e. finished reading r.
+  uint32_t slot[2][kWarp][kSlotWords];
+};
+
+enum : int { kRunning, kWaiting, kExited };
+
+struct ThreadInfo {  // what a thread is doing, for the failure message
+  std::atomic<int> state{kRunning};
+  std::atomic<const char*> op{""};
+  std::atomic<const char*> file{""};
+  std::atomic<int> line{0};
+  unsigned block_round = 0, warp_round = 0;  // barrier rounds passed; the thread's own
+};
+
+struct Block {
+  std::string kernel;
+  int threads = 0, x = 0, y = 0;
+  Grid grid;
+  unsigned char* smem = nullptr;
+  Barrier bar;
+  std::unique_ptr<Warp[]> warps;
+  std::unique_ptr<ThreadInfo[]> info;
+  // Threads neither exited nor waiting at a barrier. Updated (relaxed, so ThreadSanitizer sees
+  // no ordering from it) together with the barrier state, under that barrier's mutex: when it
+  // reads 0, every live thread waits at a barrier that cannot complete.
+  std::atomic<int> running{0};
+  std::atomic<bool> failed{false};
+  std::mutex fail_m;
+  std::string message;
+};
+
+struct ThreadCtx {
+  Block* block = nullptr;
+  int tid = 0;
+};
+inline thread_local ThreadCtx tls;
+
+inline ThreadCtx& ctx() {
+  if (!tls.block) {
+    std::fputs("flashconv::hw: device function called outside an emulated launch\n", stderr);
+    std::abort();
+  }
+  return tls;
+}
+
+inline std::string where(const char* file, int line) {
+  const char* slash = std::strrchr(file, '/');
+  return std::string(slash ? slash + 1 : file) + ":" + std::to_string(line);
+}
+
+inline void record_failure(Block& b, const std::string& what) {
+  std::lock_guard lk(b.fail_m);
+  if (b.failed.load(std::memory_order_relaxed)) return;
+  b.message = "kernel " + b.kernel + ", block (" + std::to_string(b.x) + ", " +
+              std::to_string(b.y) + "): " + what;
+  b.failed.store(true, std::memory_order_release);
+}
+
+[[noreturn]] inline void fail(Block& b, const std::string& what) {
+  record_failure(b, what);
+  throw Abort{};
+}
+
+// "threads 0-62 wait at sync_block (kernels.h:57); thread 63 exited"
+inline std::string describe(const Block& b) {
+  auto text = [&](int t) {
+    const ThreadInfo& i = b.info[t];
+    switch (i.state.load(std::memory_order_relaxed)) {
+      case kExited: return std::string("exited");
+      case kWaiting:
+        return std::string("wait at ") + i.op.load(std::memory_order_relaxed) + " (" +
+               where(i.file.load(std::memory_order_relaxed), i.line.load(std::memory_order_relaxed)) +
+               ")";
+    }
+    return std::string("running");
+  };
+  std::string out;
+  for (int t = 0; t < b.threads;) {
+    const std::string s = text(t);
+    int u = t + 1;
+    while (u < b.threads && text(u) == s) ++u;
+    out += (out.empty() ? "" : "; ") +
+           (u - t == 1 ? "thread " + std::to_string(t)
+                       : "threads " + std::to_string(t) + "-" + std::to_string(u - 1)) +
+           " " + s;
+    t = u;
+  }
+  return out;
+}
+
+// Arrives at round `round` of `bar` (expecting `expected` threads), runs publish() under its
+// lock, and returns once all have arrived.
+template <class Publish>
+void arrive(Barrier& bar, unsigned round, int expected, const char* op, bool same_place,
+            const Where& at, Publish&& publish) {
+  ThreadCtx& c = ctx();
+  Block& b = *c.block;
+  Barrier::Phase& p = bar.phase[round & 1];
+  std::unique_lock lk(p.m);
+  if (b.failed.load(std::memory_order_acquire)) throw Abort{};
+  if (p.arrived == 0) {
+    p.op = op;
+    p.at = at;
+  } else if (std::strcmp(p.op, op) ||
+             (same_place && (p.at.line() != at.line() ||
+                             std::strcmp(p.at.file_name(), at.file_name())))) {
+    fail(b, std::string("threads meet at different barriers: ") + p.op + " (" +
+                where(p.at.file_name(), p.at.line()) + ") and " + op + " (" +
+                where(at.file_name(), at.line()) + ")");
+  }
+  publish();
+  const unsigned gen = p.gen;
+  if (++p.arrived == expected) {
+    p.arrived = 0;
+    ++p.gen;
+    b.running.fetch_add(expected - 1, std::memory_order_relaxed);
+    p.cv.notify_all();
+    return;
+  }
+  ThreadInfo& me = b.info[c.tid];
+  me.op.store(op, std::memory_order_relaxed);
+  me.file.store(at.file_name(), std::memory_order_relaxed);
+  me.line.store(int(at.line()), std::memory_order_relaxed);
+  me.state.store(kWaiting, std::memory_order_relaxed);
+  if (b.running.fetch_sub(1, std::memory_order_relaxed) == 1) fail(b, "barrier can never complete: " + describe(b));
+  const auto start = std::chrono::steady_clock::now();
+  const std::chrono::duration<double> timeout(emu::config().timeout_s);
+  while (p.gen == gen) {
+    p.cv.wait_for(lk, std::chrono::milliseconds(50));
+    if (p.gen != gen) break;
+    if (b.failed.load(std::memory_order_acquire)) throw Abort{};
+    if (b.running.load(std::memory_order_relaxed) == 0) fail(b, "barrier can never complete: " + describe(b));
+    if (std::chrono::steady_clock::now() - start > timeout)
+      fail(b, "barrier wait timed out: " + describe(b));
+  }
+  me.state.store(kRunning, std::memory_order_relaxed);
+}
+
+// Publishes n words of this lane and returns all 32 lanes' words.
+inline const uint32_t (*warp_exchange(const uint32_t* words, int n, const char* op,
+                                      const Where& at))[kSlotWords] {
+  ThreadCtx& c = ctx();
+  Block& b = *c.block;
+  if (b.threads % kWarp)
+    fail(b, std::string(op) + " needs full warps, but block_dim() = " + std::to_string(b.threads));
+  Warp& w = b.warps[c.tid / kWarp];
+  const int lane = c.tid % kWarp;
+  const unsigned round = b.info[c.tid].warp_round++;
+  arrive(w.bar, round, kWarp, op, false, at, [&] {
+    if (n) std::memcpy(w.slot[round & 1][lane], words, sizeof(uint32_t) * n);
+  });
+  return w.slot[round & 1];
+}
+
+// The coordinator's rendezvous with the host threads of a launch, before and after each block.
+struct Gate {
+  explicit Gate(int parties) : parties(parties) {}
+  std::mutex m;
+  std::condition_variable cv;
+  int parties, arrived = 0;
+  unsigned round = 0;
+
+  // `watch`: a block whose threads must finish; if it has failed and a thread still neither
+  // exits nor reaches a barrier after the timeout, nothing can stop that thread: abort.
+  void wait(Block* watch = nullptr) {
+    std::unique_lock lk(m);
+    const unsigned r = round;
+    if (++arrived == parties) {
+      arrived = 0;
+      ++round;
+      cv.notify_all();
+      return;
+    }
+    auto failed_at = std::chrono::steady_clock::time_point::max();
+    const std::chrono::duration<double> timeout(emu::config().timeout_s);
+    while (round == r) {
+      cv.wait_for(lk, std::chrono::milliseconds(50));
+      if (round != r || !watch || !watch->failed.load(std::memory_order_acquire)) continue;
+      const auto now = std::chrono::steady_clock::now();
+      if (failed_at == std::chrono::steady_clock::time_point::max()) failed_at = now;
+      if (now - failed_at > timeout) {
+        std::fprintf(stderr, "flashconv emu: %s\nflashconv emu: a thread of the failed block "
+                     "neither exits nor reaches a barrier; aborting\n", watch->message.c_str());
+        std::abort();
+      }
+    }
+  }
+};
+
+inline std::string kernel_name(const void* fn) {
+  Dl_info info;
+  if (dladdr(fn, &info) && info.dli_sname && info.dli_saddr == fn) {
+    int status = 0;
+    char* d = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+    std::string name = status == 0 ? d : info.dli_sname;
+    std::free(d);
+    return name;
+  }
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%p (link with -rdynamic to see its name)", fn);
+  return buf;
+}
+
+inline Error run_grid(const void* fn, Grid grid, int threads, size_t smem_bytes,
+                      const std::function<void()>& body) {
+  static std::mutex serial;  // FC_SHARED statics belong to one launch at a time
+  std::lock_guard one_launch(serial);
+  const std::string name = kernel_name(fn);
+  auto reject = [&](Error e, const std::string& why) {
+    emu::last_message() = "kernel " + name + ": " + why;
+    std::fprintf(stderr, "flashconv emu: %s\n", emu::last_message().c_str());
+    return e;
+  };
+  if (threads < 1 || threads > 1024 || grid.x < 1 || grid.y < 1 || grid.y > 65535)
+    return reject(ErrorInvalidConfiguration,
+                  "grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ") with " +
+                      std::to_string(threads) + " threads per block");
+  if (smem_bytes > emu::config().max_dyn_smem)
+    return reject(ErrorInvalidValue, "asks for " + std::to_string(smem_bytes) +
+                                         " bytes of dynamic shared memory; the target allows " +
+                                         std::to_string(emu::config().max_dyn_smem));
+#ifdef FC_EMU_ASAN
+  constexpr size_t guard = 0;  // AddressSanitizer's own redzone does better
+#else
+  constexpr size_t guard = 64;
+#endif
+  constexpr unsigned char guard_byte = 0xa5;
+
+  Block b;
+  b.kernel = name;
+  b.threads = threads;
+  b.grid = grid;
+  b.warps = std::make_unique<Warp[]>((threads + kWarp - 1) / kWarp);
+  b.info = std::make_unique<ThreadInfo[]>(threads);
+  // Separate gates before and after a block, for the reason Barrier has two phases.
+  Gate start(threads + 1), done(threads + 1);
+  bool stop = false;
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      tls = {&b, t};
+      for (;;) {
+        start.wait();
+        if (stop) break;
+        try {
+          body();
+        } catch (const Abort&) {
+        } catch (const std::exception& e) {
+          record_failure(b, std::string("thread ") + std::to_string(t) + " threw: " + e.what());
+        }
+        b.info[t].state.store(kExited, std::memory_order_relaxed);
+        b.running.fetch_sub(1, std::memory_order_relaxed);
+        done.wait();
+      }
+      tls = {};
+    });
+  }
+  Error err = Success;
+  for (int y = 0; y < grid.y && err == Success; ++y) {
+    for (int x = 0; x < grid.x && err == Success; ++x) {
+      b.x = x;
+      b.y = y;
+      b.smem = static_cast<unsigned char*>(::operator new(smem_bytes + guard, std::align_val_t{16}));
+      std::memset(b.smem, 0xff, smem_bytes);
+      std::memset(b.smem + smem_bytes, guard_byte, guard);
+      b.running.store(threads, std::memory_order_relaxed);
+      for (int t = 0; t < threads; ++t) {
+        b.info[t].state.store(kRunning, std::memory_order_relaxed);
+        b.info[t].block_round = b.info[t].warp_round = 0;
+      }
+      start.wait();
+      done.wait(&b);  // every thread has left the kernel
+      for (size_t i = 0; i < guard && !b.failed; ++i)
+        if (b.smem[smem_bytes + i] != guard_byte)
+          record_failure(b, "wrote past the end of its " + std::to_string(smem_bytes) +
+                                " bytes of dynamic shared memory");
+      ::operator delete(b.smem, std::align_val_t{16});
+      if (b.failed) {
+        emu::last_message() = b.message;
+        std::fprintf(stderr, "flashconv emu: %s\n", b.message.c_str());
+        err = ErrorLaunchFailure;
+      }
+    }
+  }
+  stop = true;
+  start.wait();
+  for (auto& t : pool) t.join();
+  return err;
+}
+
+}  // namespace detail
+
+inline int thread_idx() { return detail::ctx().tid; }
+inline int block_dim() { return detail::ctx().block->threads; }
+inline int block_idx_x() { return detail::ctx().block->x; }
+inline int block_idx_y() { return detail::ctx().block->y; }
+inline int grid_dim_x() { return detail::ctx().block->grid.x; }
+inline int grid_dim_y() { return detail::ctx().block->grid.y; }
+inline int lane_id() { return thread_idx() & 31; }
+inline int warp_id() { return thread_idx() >> 5; }
+
+template <class T>
+inline T* dyn_smem() {
+  return reinterpret_cast<T*>(detail::ctx().block->smem);
+}
+
+// The source location defaults name the caller's line in failure messages.
+inline void sync_block(const detail::Where& at = detail::Where::current()) {
+  detail::ThreadCtx& c = detail::ctx();
+  detail::Block& b = *c.block;
+  detail::arrive(b.bar, b.info[c.tid].block_round++, b.threads, "sync_block", true, at, [] {});
+}
+
+inline void sync_warp(const detail::Where& at = detail::Where::current()) {
+  detail::warp_exchange(nullptr, 0, "sync_warp", at);
+}
+
+inline uint32_t shfl_xor(uint32_t v, int mask, const detail::Where& at = detail::Where::current()) {
+  return detail::warp_exchange(&v, 1, "shfl_xor", at)[(lane_id() ^ mask) & 31][0];
+}
+
+inline float shfl_xor(float v, int mask, const detail::Where& at = detail::Where::current()) {
+  return detail::float_of(shfl_xor(detail::bits_of(v), mask, at));
+}
+
+inline uint32_t shfl_idx(uint32_t v, int src, const detail::Where& at = detail::Where::current()) {
+  return detail::warp_exchange(&v, 1, "shfl_idx", at)[src & 31][0];
+}
+
+inline float shfl_idx(float v, int src, const detail::Where& at = detail::Where::current()) {
+  return detail::float_of(shfl_idx(detail::bits_of(v), src, at));
+}
+
+// d = A (16x16, row) * B (16x8, col) + C, over the warp. PTX ISA fragment layout, with
+// g = lane >> 2 and t = lane % 4; element e of a fragment sits in register e / 2, low half first:
+//   A  a_e: row g + 8 * ((e >> 1) & 1), col 2t + (e & 1) + 8 * (e >> 2)
+//   B  b_e: row 2t + (e & 1) + 8 * (e >> 1), col g
+//   C  c_e: row g + 8 * (e >> 1),         col 2t + (e & 1)
+// so A[r][k] is in lane 4 * (r % 8) + (k % 8) / 2, register r / 8 + 2 * (k / 8), half k % 2,
+// and B[k][n] in lane 4 * n + (k % 8) / 2, register k / 8, half k % 2.
+template <class T>
+inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
+                         const detail::Where& at = detail::Where::current()) {
+  static_assert(std::is_same_v<T, half_t> || std::is_same_v<T, bf16_t>,
+                "mma_m16n8k16: T must be half_t or bf16_t");
+  uint32_t mine[detail::kSlotWords];
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b[0];
+  mine[5] = b[1];
+  for (int i = 0; i < 4; ++i) mine[6 + i] = detail::bits_of(c[i]);
+  const uint32_t(*lanes)[detail::kSlotWords] =
+      detail::warp_exchange(mine, detail::kSlotWords, "mma_m16n8k16", at);
+  auto element = [](uint32_t reg, int k) { return to_float(T{uint16_t(reg >> (16 * (k & 1)))}); };
+  const int g = lane_id() >> 2, t = lane_id() & 3;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    float acc = detail::float_of(mine[6 + e]);
+    for (int k = 0; k < 16; ++k) {
+      const float ak = element(lanes[4 * (row % 8) + (k % 8) / 2][row / 8 + 2 * (k / 8)], k);
+      const float bk = element(lanes[4 * col + (k % 8) / 2][4 + k / 8], k);
+      acc += ak * bk;  // exact: 11- (or 8-) bit significands multiply into 24 bits
+    }
+    d[e] = acc;
+  }
+}
+
+template <class... P, class... A>
+inline Error launch(void (*kernel)(P...), Grid grid, int threads, size_t dyn_smem_bytes,
+                    Stream, A&&... args) {
+  // Arguments are converted once, as a GPU copies them into the parameter buffer.
+  const std::tuple<P...> params(std::forward<A>(args)...);
+  return detail::run_grid(reinterpret_cast<const void*>(kernel), grid, threads, dyn_smem_bytes,
+                          [&] { std::apply(kernel, params); });
+}
+
+}  // namespace flashconv::hw
+
+#endif
+
+namespace flashconv::hw {
+
+// Two 16-bit values in one 32-bit register, lo in the low half (the lower column or row index
+// of an mma fragment pair).
+template <class T>
+FC_HOST_DEVICE uint32_t pack2(T lo, T hi) {
+  static_assert(std::is_same_v<T, half_t> || std::is_same_v<T, bf16_t>, "pack2: 16-bit types only");
+  return uint32_t(lo.bits) | (uint32_t(hi.bits) << 16);
+}
+
+template <class T>
+FC_HOST_DEVICE uint32_t pack2(float lo, float hi) {
+  return pack2(from_float<T>(lo), from_float<T>(hi));
+}
+
+}  // namespace flashconv::hw

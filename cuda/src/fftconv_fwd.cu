@@ -1,0 +1,19 @@
+// Instantiations of the fused forward kernel, one per io dtype (fftconv_fwd.h holds the code).
+#include "flashconv/fftconv_fwd.h"
+
+namespace flashconv {
+
+cudaError_t fftconv_fwd(const FwdParams& p, int dtype, int num_sms, cudaStream_t stream) {
+  switch (dtype) {
+    case kFloat32: return fftconv_fwd_launch<float>(p, num_sms, stream);
+    case kFloat16: return fftconv_fwd_launch<half_t>(p, num_sms, stream);
+    case kBFloat16: return fftconv_fwd_launch<bf16_t>(p, num_sms, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+int64_t fftconv_fwd_max_n(int dtype) {
+  return dtype == kFloat32 ? kMaxFusedN<float> : kMaxFusedN<half_t>;
+}
+
+}  // namespace flashconv
