@@ -11,7 +11,7 @@ torch.Tensor on CPU    the CPU engine through zero-copy numpy views, with a
                        torch.autograd.Function for gradients
 torch.Tensor on CUDA   the fused block-FFT kernel (flashconv._C) for float32,
                        float16 and bfloat16 where its FFT size fits on chip
-                       (L <= 16K; float32 L <= 8K), else torch.fft. Gradients:
+                       (bfloat16 L <= 16K, float32/float16 L <= 8K), else torch.fft. Gradients:
                        torch.fft (the backward kernel has not landed yet).
 =====================  =====================================================
 
@@ -365,7 +365,7 @@ def _fused_ok(u, k):
     if isinstance(k, KernelSpectrum) and (k.layout != "monarch" or k.n != N):
         return False
     code = _DTYPE_CODES[u.dtype]
-    bytes_per = 8 if code == 0 else 4  # complex fp32 or fp16 per element on chip
+    bytes_per = 4 if u.dtype == torch.bfloat16 else 8  # complex fp16 (bf16 io) or fp32 on chip
     return N <= ext.fftconv_fwd_max_n(code) and N * bytes_per <= _max_smem(u.device.index)
 
 

@@ -13,7 +13,12 @@ cudaError_t fftconv_fwd(const FwdParams& p, int dtype, int num_sms, cudaStream_t
 }
 
 int64_t fftconv_fwd_max_n(int dtype) {
-  return dtype == kFloat32 ? kMaxFusedN<float> : kMaxFusedN<half_t>;
+  switch (dtype) {
+    case kFloat32: return kMaxFusedN<float>;
+    case kFloat16: return kMaxFusedN<half_t>;
+    case kBFloat16: return kMaxFusedN<bf16_t>;
+    default: return 0;
+  }
 }
 
 }  // namespace flashconv

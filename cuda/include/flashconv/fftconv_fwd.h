@@ -17,12 +17,15 @@
 //   N = 32: 16 x 2      64: 16 x 4      128: 16 x 8      256: 16 x 16
 //   512: 16 x 16 x 2    1K: x 4         2K: x 8          4K: 16 x 16 x 16
 //   8K: 16^3 x 2        16K: 16^3 x 4   32K: 16^3 x 8
-// fp16/bf16 io: radix-16 stages on tensor cores (fp16 operands, fp32 accumulate), fp16
-// storage in shared memory (4 bytes per complex: N = 32K fits in 128 KB); radix-r stage,
-// twiddles and the K product in fp32 registers. fp32 io: every stage in fp32 on CUDA cores,
-// fp32 storage (8 bytes per complex: N <= 16K).
-// Overflow: an fp16 store above 65504 sets a per-thread flag (OR-reduced per pair) and the pair is recomputed with the input
-// scaled down by a further 2^-12 (at most twice); non-finite inputs propagate as in fp32.
+// bf16 io: radix-16 stages on tensor cores (fp16 operands, fp32 accumulate), fp16 storage
+// in shared memory (4 bytes per complex: N = 32K fits in 128 KB); radix-r stage, twiddles and
+// the K product in fp32 registers. python_ref's emulation puts this at 1.03-1.08x the bf16
+// output-rounding error. fp32 and fp16 io: every stage in fp32 on CUDA cores with fp32
+// storage (8 bytes per complex: N <= 16K): fp16 tensor-core operands would cost fp16 outputs
+// 2.3-3.3x their rounding error (same emulation), beyond DESIGN section 6's 2x rule.
+// Overflow: an fp16 store above 65504 sets a per-thread flag (OR-reduced per pair) and the
+// pair is recomputed with the input scaled down by a further 2^-12 (at most twice);
+// non-finite inputs propagate as they would in fp32.
 #pragma once
 
 #include <cstdint>
@@ -36,12 +39,12 @@ namespace flashconv {
 
 constexpr int kFwdThreads = 256;
 
-// Storage of a complex row between stages, by io dtype.
+// Tensor cores (and fp16 storage between stages) for bf16 io only; see the header comment.
 template <class T>
-using StorageFor = std::conditional_t<std::is_same_v<T, float>, cf32, cf16>;
+constexpr bool kTensorCores = std::is_same_v<T, bf16_t>;
 
 template <class T>
-constexpr bool kTensorCores = !std::is_same_v<T, float>;
+using StorageFor = std::conditional_t<kTensorCores<T>, cf16, cf32>;
 
 // Largest FFT size the fused kernel serves for io dtype T.
 template <class T>

@@ -135,7 +135,8 @@ FC_DEVICE float shfl_idx(float v, int src) { return __shfl_sync(0xffffffffu, v, 
 FC_DEVICE uint32_t shfl_idx(uint32_t v, int src) { return __shfl_sync(0xffffffffu, v, src); }
 
 template <class T>
-FC_DEVICE void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+FC_DEVICE void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2],
+                            const float c[4]) {
   if constexpr (std::is_same_v<T, half_t>) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
@@ -272,7 +273,7 @@ inline uint16_t half_from_float(float f) {
   const uint32_t x = bits_of(f), a = x & 0x7fffffffu;
   const uint16_t sign = (x >> 16) & 0x8000u;
   if (a > 0x7f800000u) return 0x7fffu;         // NaN
-  if (a >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 (65504 + half an ulp, a tie to even) and inf
+  if (a >= 0x477ff000u) return sign | 0x7c00u;  // inf, and >= 65520 (65504 + ulp/2 ties to inf)
   if (a <= 0x33000000u) return sign;            // <= 2^-25: half the smallest subnormal rounds to 0
   const int e = int(a >> 23);
   uint32_t keep, rest, half;
@@ -414,12 +415,12 @@ inline void record_failure(Block& b, const std::string& what) {
 inline std::string describe(const Block& b) {
   auto text = [&](int t) {
     const ThreadInfo& i = b.info[t];
-    switch (i.state.load(std::memory_order_relaxed)) {
+    constexpr auto relaxed = std::memory_order_relaxed;
+    switch (i.state.load(relaxed)) {
       case kExited: return std::string("exited");
       case kWaiting:
-        return std::string("wait at ") + i.op.load(std::memory_order_relaxed) + " (" +
-               where(i.file.load(std::memory_order_relaxed), i.line.load(std::memory_order_relaxed)) +
-               ")";
+        return std::string("wait at ") + i.op.load(relaxed) + " (" +
+               where(i.file.load(relaxed), i.line.load(relaxed)) + ")";
     }
     return std::string("running");
   };
@@ -471,14 +472,15 @@ void arrive(Barrier& bar, unsigned round, int expected, const char* op, bool sam
   me.file.store(at.file_name(), std::memory_order_relaxed);
   me.line.store(int(at.line()), std::memory_order_relaxed);
   me.state.store(kWaiting, std::memory_order_relaxed);
-  if (b.running.fetch_sub(1, std::memory_order_relaxed) == 1) fail(b, "barrier can never complete: " + describe(b));
+  const char* stuck = "barrier can never complete: ";
+  if (b.running.fetch_sub(1, std::memory_order_relaxed) == 1) fail(b, stuck + describe(b));
   const auto start = std::chrono::steady_clock::now();
   const std::chrono::duration<double> timeout(emu::config().timeout_s);
   while (p.gen == gen) {
     p.cv.wait_for(lk, std::chrono::milliseconds(50));
     if (p.gen != gen) break;
     if (b.failed.load(std::memory_order_acquire)) throw Abort{};
-    if (b.running.load(std::memory_order_relaxed) == 0) fail(b, "barrier can never complete: " + describe(b));
+    if (b.running.load(std::memory_order_relaxed) == 0) fail(b, stuck + describe(b));
     if (std::chrono::steady_clock::now() - start > timeout)
       fail(b, "barrier wait timed out: " + describe(b));
   }
@@ -574,6 +576,7 @@ inline Error run_grid(const void* fn, Grid grid, int threads, size_t smem_bytes,
   constexpr size_t guard = 64;
 #endif
   constexpr unsigned char guard_byte = 0xa5;
+  constexpr std::align_val_t kSmemAlign{16};  // as __align__(16) extern __shared__
 
   Block b;
   b.kernel = name;
@@ -610,7 +613,7 @@ inline Error run_grid(const void* fn, Grid grid, int threads, size_t smem_bytes,
     for (int x = 0; x < grid.x && err == Success; ++x) {
       b.x = x;
       b.y = y;
-      b.smem = static_cast<unsigned char*>(::operator new(smem_bytes + guard, std::align_val_t{16}));
+      b.smem = static_cast<unsigned char*>(::operator new(smem_bytes + guard, kSmemAlign));
       std::memset(b.smem, 0xff, smem_bytes);
       std::memset(b.smem + smem_bytes, guard_byte, guard);
       b.running.store(threads, std::memory_order_relaxed);
@@ -624,7 +627,7 @@ inline Error run_grid(const void* fn, Grid grid, int threads, size_t smem_bytes,
         if (b.smem[smem_bytes + i] != guard_byte)
           record_failure(b, "wrote past the end of its " + std::to_string(smem_bytes) +
                                 " bytes of dynamic shared memory");
-      ::operator delete(b.smem, std::align_val_t{16});
+      ::operator delete(b.smem, kSmemAlign);
       if (b.failed) {
         emu::last_message() = b.message;
         std::fprintf(stderr, "flashconv emu: %s\n", b.message.c_str());

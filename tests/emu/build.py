@@ -1,0 +1,138 @@
+"""Builds and runs the CPU emulation driver (tests/emu/driver.cpp) for the tests.
+
+``driver(variant)`` compiles on demand into ``build/emu/<variant>/driver-<hash>``; the hash
+covers the compiler, the flags and every source the driver can include, so repeated test runs
+reuse the binary. A missing g++ (or sanitizer runtime) skips the calling test. ``run()`` hands
+numpy arrays to a driver case as .npy files and returns the case's outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+INCLUDE = ROOT / "cuda" / "include"
+BUILD = ROOT / "build" / "emu"
+CXX = os.environ.get("CXX", "g++")
+NVCC = os.environ.get("NVCC", "nvcc")
+
+FLAGS = ["-std=c++20", "-O1", "-g", "-pthread", "-rdynamic", "-Wall", "-Wextra"]
+VARIANTS = {
+    "plain": [],
+    "tsan": ["-fsanitize=thread"],
+    "asan": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+             "-fno-omit-frame-pointer"],
+}
+# Builds with a test-only compile-time setting, not sanitizers (not run by test_emu.py's
+# variant sweep): "fp16limit8" lowers the fp16 store limit so the forward kernel's overflow
+# retry path runs on ordinary data.
+TEST_VARIANTS = {
+    "fp16limit8": ["-DFLASHCONV_FP16_STORE_LIMIT=8.0f"],
+}
+SANITIZER_ENV = {
+    "TSAN_OPTIONS": "halt_on_error=0 exitcode=66",  # report every race, then fail the run
+    "ASAN_OPTIONS": "detect_leaks=0",  # LeakSanitizer needs ptrace, often denied in containers
+    "UBSAN_OPTIONS": "print_stacktrace=1",
+}
+
+
+def _sources() -> list[Path]:
+    return sorted([*HERE.glob("*.h"), *HERE.glob("*.cpp"), *HERE.glob("*.cu"),
+                   *INCLUDE.rglob("*.h"), *INCLUDE.rglob("*.cuh")])
+
+
+def _digest(tool: str, flags: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(subprocess.run([tool, "--version"], capture_output=True, text=True).stdout.encode())
+    h.update("\0".join(flags).encode())
+    for p in _sources():
+        h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _compile(cmd: list[str], out: Path) -> None:
+    """Runs cmd writing to a temporary name next to out, then renames: concurrent runs are safe."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    p = subprocess.run([*cmd, "-o", str(tmp)], capture_output=True, text=True)
+    if p.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"compile failed: {' '.join(cmd)}\n{p.stderr}")
+    os.replace(tmp, out)
+
+
+@functools.cache
+def driver(variant: str = "plain") -> Path:
+    if shutil.which(CXX) is None:
+        pytest.skip(f"{CXX} not found: the emulation tests compile C++")
+    flags = FLAGS + {**VARIANTS, **TEST_VARIANTS}[variant]
+    exe = BUILD / variant / f"driver-{_digest(CXX, flags)}"
+    if exe.exists():
+        return exe
+    if variant in VARIANTS and variant != "plain":
+        probe = subprocess.run([CXX, *flags, "-x", "c++", "-", "-o", os.devnull],
+                               input="int main() {}\n", capture_output=True, text=True)
+        if probe.returncode != 0:
+            pytest.skip(f"{CXX} cannot build with {' '.join(VARIANTS[variant])}: "
+                        f"{probe.stderr.strip()[:200]}")
+    _compile([CXX, *flags, "-I", str(INCLUDE), "-I", str(HERE), str(HERE / "driver.cpp")], exe)
+    # Drop binaries of older sources, but not ones another session may be running right now.
+    for old in exe.parent.glob("driver-*"):
+        if old != exe and time.time() - old.stat().st_mtime > 3600:
+            old.unlink(missing_ok=True)
+    return exe
+
+
+@dataclass
+class Result:
+    returncode: int
+    stderr: str
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def run(case: str, inputs: dict[str, np.ndarray] | None = None, variant: str = "plain",
+        sm: int = 80, params: dict[str, int] | None = None, check: bool = True,
+        timeout: float = 300) -> Result:
+    """Runs driver case `case`; with check, a non-zero exit raises with the driver's stderr."""
+    exe = driver(variant)
+    inputs = inputs or {}
+    with tempfile.TemporaryDirectory(prefix="fc-emu-") as tmp:
+        d = Path(tmp)
+        for name, a in inputs.items():
+            np.save(d / f"{name}.npy", np.ascontiguousarray(a))
+        args = [str(exe), case, str(d), f"sm={sm}"]
+        args += [f"{k}={v}" for k, v in (params or {}).items()]
+        p = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, **SANITIZER_ENV})
+        outputs = {f.stem: np.load(f) for f in d.glob("*.npy") if f.stem not in inputs}
+    if check and p.returncode != 0:
+        raise AssertionError(f"{case} [{variant}] exited with {p.returncode}:\n{p.stderr}")
+    return Result(p.returncode, p.stderr, outputs)
+
+
+@functools.cache
+def nvcc_check(arch: int) -> str:
+    """Compiles nvcc_check.cu (hw.h and all proof kernels) for sm_<arch>; returns its PTX."""
+    if shutil.which(NVCC) is None:
+        pytest.skip(f"{NVCC} not found")
+    flags = ["-std=c++17", f"-arch=sm_{arch}"]
+    ptx = BUILD / f"nvcc-sm_{arch}" / f"nvcc_check-{_digest(NVCC, flags)}.ptx"
+    if not ptx.exists():
+        with tempfile.TemporaryDirectory(prefix="fc-nvcc-") as keep:
+            _compile([NVCC, *flags, "-I", str(INCLUDE), "-c", str(HERE / "nvcc_check.cu"),
+                      "--keep", "--keep-dir", keep], Path(keep) / "nvcc_check.o")
+            ptx.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(keep) / "nvcc_check.ptx", ptx)
+    return ptx.read_text()

@@ -1,0 +1,305 @@
+// Runs one kernel on the CPU through the SIMT emulation in flashconv/hw.h.
+//
+//   driver <case> <dir> [sm=80] [key=value ...]
+//
+// Reads the case's inputs from <dir>/<name>.npy, runs its launcher, and on success writes its
+// outputs as <dir>/<name>.npy. Exit status: 0 ok; 2 bad usage or input; 3 the launch returned
+// an error (the emulator has printed why). Sanitizer builds report races and out-of-bounds
+// accesses themselves (ThreadSanitizer exits 66, AddressSanitizer 1).
+// tests/emu/build.py compiles this file (plain, tsan, asan) and runs it from pytest.
+//
+// Adding a kernel: put the kernel and its launcher in a header (the launcher returns
+// hw::Error; see kernels.h), include it here, and add one entry to `cases`:
+//
+//   {"fftconv_fwd_f16", [](Io& io) {
+//      auto u = io.in<hw::half_t>("u");                 // (B, H, L) float16 .npy
+//      auto& y = io.out<hw::half_t>("y", u.shape);
+//      return flashconv::fftconv_fwd<hw::half_t>(u.ptr(), ..., y.ptr(), io.param("L"), nullptr);
+//    }},
+//
+// Inputs are exactly the size numpy gave, and outputs exactly their shape, so the ASan build
+// catches a kernel reading or writing past either. Then call it from Python with
+// tests/emu/build.py: run("fftconv_fwd_f16", {"u": u}, params={"L": 1000}).
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "flashconv/fftconv_fwd.h"
+#include "flashconv/hw.h"
+#include "kernels.h"
+
+namespace hw = flashconv::hw;
+
+namespace {
+
+// npy dtype of each element type; bf16 travels as its raw bits (numpy has no bfloat16).
+template <class T> constexpr const char* npy_descr();
+template <> constexpr const char* npy_descr<float>() { return "<f4"; }
+template <> constexpr const char* npy_descr<hw::half_t>() { return "<f2"; }
+template <> constexpr const char* npy_descr<hw::bf16_t>() { return "<u2"; }
+template <> constexpr const char* npy_descr<uint16_t>() { return "<u2"; }
+template <> constexpr const char* npy_descr<uint32_t>() { return "<u4"; }
+template <> constexpr const char* npy_descr<int32_t>() { return "<i4"; }
+
+using Shape = std::vector<size_t>;
+
+template <class T>
+struct Array {
+  Shape shape;
+  std::vector<T> data;
+  T* ptr() { return data.data(); }
+  size_t size() const { return data.size(); }
+  int dim(size_t i) const { return int(shape.at(i)); }
+};
+
+size_t count(const Shape& s) {
+  size_t n = 1;
+  for (size_t d : s) n *= d;
+  return n;
+}
+
+template <class T>
+Array<T> load_npy(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw std::runtime_error("cannot open " + path);
+  char magic[8];
+  f.read(magic, 8);
+  if (!f || std::memcmp(magic, "\x93NUMPY", 6))
+    throw std::runtime_error(path + ": not an .npy file");
+  uint32_t header_len = 0;
+  if (magic[6] == 1) {
+    uint8_t b[2];
+    f.read(reinterpret_cast<char*>(b), 2);
+    header_len = b[0] | (b[1] << 8);
+  } else {
+    uint8_t b[4];
+    f.read(reinterpret_cast<char*>(b), 4);
+    header_len = b[0] | (b[1] << 8) | (b[2] << 16) | (uint32_t(b[3]) << 24);
+  }
+  std::string header(header_len, ' ');
+  f.read(header.data(), header_len);
+  const std::string want = std::string("'descr': '") + npy_descr<T>() + "'";
+  if (header.find(want) == std::string::npos)
+    throw std::runtime_error(path + ": expected dtype " + npy_descr<T>() + ", header " + header);
+  if (header.find("'fortran_order': False") == std::string::npos)
+    throw std::runtime_error(path + ": Fortran order is not supported");
+  Array<T> a;
+  const size_t open = header.find('(', header.find("'shape'")), close = header.find(')', open);
+  for (size_t i = open + 1; i < close;) {
+    const size_t end = std::min(header.find(',', i), close);
+    if (header.find_first_not_of(' ', i) < end)
+      a.shape.push_back(std::stoul(header.substr(i, end - i)));
+    i = end + 1;
+  }
+  a.data.resize(count(a.shape));
+  f.read(reinterpret_cast<char*>(a.data.data()), a.data.size() * sizeof(T));
+  if (!f) throw std::runtime_error(path + ": truncated");
+  return a;
+}
+
+template <class T>
+void save_npy(const std::string& path, const Array<T>& a) {
+  std::string shape;
+  for (size_t d : a.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
+  shape = "(" + shape + (a.shape.size() == 1 ? ",)" : ")");
+  std::string header = std::string("{'descr': '") + npy_descr<T>() +
+                       "', 'fortran_order': False, 'shape': " + shape + ", }";
+  header.append(63 - (10 + header.size()) % 64, ' ');  // data starts 64-byte aligned
+  header += '\n';
+  std::ofstream f(path, std::ios::binary);
+  const uint16_t len = uint16_t(header.size());
+  f.write("\x93NUMPY\x01\x00", 8);
+  f.put(char(len & 0xff)).put(char(len >> 8));
+  f << header;
+  f.write(reinterpret_cast<const char*>(a.data.data()), a.data.size() * sizeof(T));
+  if (!f) throw std::runtime_error("cannot write " + path);
+}
+
+// What a case sees: its inputs, its outputs (written after a successful launch), its scalars.
+struct Io {
+  std::string dir;
+  std::map<std::string, std::string> params;
+  std::vector<std::function<void()>> savers;
+  std::vector<std::shared_ptr<void>> keep;
+
+  template <class T>
+  Array<T> in(const std::string& name) const {
+    return load_npy<T>(dir + "/" + name + ".npy");
+  }
+
+  // Starts as 0xff bytes (NaN), so elements the kernel never writes stand out.
+  template <class T>
+  Array<T>& out(const std::string& name, Shape shape) {
+    auto a = std::make_shared<Array<T>>();
+    a->shape = std::move(shape);
+    a->data.resize(count(a->shape));
+    std::memset(static_cast<void*>(a->data.data()), 0xff, a->data.size() * sizeof(T));
+    keep.push_back(a);
+    savers.push_back([this, name, a] { save_npy(dir + "/" + name + ".npy", *a); });
+    return *a;
+  }
+
+  int param(const std::string& key) const {
+    auto it = params.find(key);
+    if (it == params.end()) throw std::runtime_error("missing parameter " + key + "=...");
+    return std::stoi(it->second);
+  }
+};
+
+using Case = std::function<hw::Error(Io&)>;
+
+template <class T>
+hw::Error mma_tile(Io& io) {
+  auto a = io.in<T>("a"), b = io.in<T>("b");  // (16, 16), (16, 8)
+  auto c = io.in<float>("c");                 // (16, 8)
+  auto& d = io.out<float>("d", {16, 8});
+  return proof::launch_mma_tile<T>(a.ptr(), b.ptr(), c.ptr(), d.ptr(), nullptr);
+}
+
+template <class T>
+hw::Error dft256(Io& io) {
+  auto x = io.in<float>("x");  // (rows, 256, 2): complex as (re, im)
+  const size_t rows = x.shape.at(0);
+  auto& y = io.out<float>("y", {rows, 16, 16, 2});
+  auto& z = io.out<float>("z", {rows, 16, 16, 2});
+  return proof::launch_dft256<T>(x.ptr(), y.ptr(), z.ptr(), int(rows), nullptr);
+}
+
+template <class T>
+hw::Error convert(Io& io) {
+  auto x = io.in<float>("x");
+  auto& y = io.out<T>("y", x.shape);
+  auto& back = io.out<float>("back", x.shape);
+  return proof::launch_convert<T>(x.ptr(), y.ptr(), back.ptr(), int(x.size()), nullptr);
+}
+
+// A case whose only output is `out`: n floats (param n, default 64), which Launch may also take.
+template <auto Launch>
+hw::Error out_only(Io& io) {
+  const int n = io.params.count("n") ? io.param("n") : 64;
+  auto& out = io.out<float>("out", {size_t(n)});
+  if constexpr (std::is_invocable_v<decltype(Launch), float*, int, hw::Stream>)
+    return Launch(out.ptr(), n, nullptr);
+  else
+    return Launch(out.ptr(), nullptr);
+}
+
+int64_t param_or(const Io& io, const std::string& key, int64_t fallback) {
+  return io.params.count(key) ? io.param(key) : fallback;
+}
+
+// The fused forward kernel. u, g_in, g_out: flat buffers of the io dtype viewed through
+// shape B, H, L and strides (params u_sb, u_sh, u_st; the gates share u's strides); D and the
+// gates are used when their files' flags (has_D, has_gates) are 1. K: (H, N, 2) float32,
+// k_exp: (H,) int32. Output y: (B, H, L). num_sms sizes the grid like the GPU launcher.
+template <class T>
+hw::Error fftconv_fwd(Io& io) {
+  flashconv::FwdParams p{};
+  p.B = io.param("B"), p.H = io.param("H"), p.L = io.param("L"), p.N = io.param("N");
+  p.u_sb = io.param("u_sb"), p.u_sh = io.param("u_sh"), p.u_st = io.param("u_st");
+  auto u = io.in<T>("u");
+  auto K = io.in<float>("K");
+  auto k_exp = io.in<int32_t>("k_exp");
+  p.u = u.ptr();
+  p.K = reinterpret_cast<const flashconv::cf32*>(K.ptr());
+  p.k_exp = k_exp.ptr();
+  Array<float> D;
+  Array<T> gi, go;
+  if (param_or(io, "has_D", 0)) {
+    D = io.in<float>("D");
+    p.D = D.ptr();
+  }
+  if (param_or(io, "has_gates", 0)) {
+    gi = io.in<T>("g_in");
+    go = io.in<T>("g_out");
+    p.g_in = gi.ptr();
+    p.g_out = go.ptr();
+    p.gi_sb = p.go_sb = p.u_sb;
+    p.gi_sh = p.go_sh = p.u_sh;
+    p.gi_st = p.go_st = p.u_st;
+  }
+  auto& y = io.out<T>("y", {size_t(p.B), size_t(p.H), size_t(p.L)});
+  p.y = y.ptr();
+  p.y_sb = p.H * p.L, p.y_sh = p.L, p.y_st = 1;
+  return flashconv::fftconv_fwd_launch<T>(p, int(param_or(io, "num_sms", 1)), nullptr);
+}
+
+const std::map<std::string, Case> cases = {
+    {"fftconv_fwd_f32", fftconv_fwd<float>},
+    {"fftconv_fwd_f16", fftconv_fwd<hw::half_t>},
+    {"fftconv_fwd_bf16", fftconv_fwd<hw::bf16_t>},
+    {"block_sum",
+     [](Io& io) {
+       auto x = io.in<float>("x");  // (B, H, n)
+       auto& y = io.out<float>("y", {x.shape.at(0), x.shape.at(1)});
+       return proof::launch_block_sum(x.ptr(), y.ptr(), x.dim(0), x.dim(1), x.dim(2), nullptr);
+     }},
+    {"warp_ops",
+     [](Io& io) {
+       auto x = io.in<float>("x");  // (n,), n a multiple of 128
+       auto& total = io.out<float>("total", x.shape);
+       auto& gathered = io.out<uint32_t>("gathered", x.shape);
+       auto& first = io.out<float>("first", x.shape);
+       auto& neighbour = io.out<float>("neighbour", x.shape);
+       return proof::launch_warp_ops(x.ptr(), total.ptr(), gathered.ptr(), first.ptr(),
+                                     neighbour.ptr(), int(x.size()), nullptr);
+     }},
+    {"mma_tile_f16", mma_tile<hw::half_t>},
+    {"mma_tile_bf16", mma_tile<hw::bf16_t>},
+    {"dft256_f16", dft256<hw::half_t>},
+    {"dft256_bf16", dft256<hw::bf16_t>},
+    {"convert_f16", convert<hw::half_t>},
+    {"convert_bf16", convert<hw::bf16_t>},
+    {"racy", out_only<proof::launch_racy>},
+    {"early_exit", out_only<proof::launch_early_exit>},
+    {"deadlock", out_only<proof::launch_deadlock>},
+    {"divergent_barrier", out_only<proof::launch_divergent_barrier>},
+    {"oob", out_only<proof::launch_oob>},
+    {"smem_oob", out_only<proof::launch_smem_oob>},
+    {"smem_fill",
+     [](Io& io) {
+       const int bytes = io.param("bytes");
+       auto& out = io.out<float>("out", {size_t(bytes / 4)});
+       return proof::launch_smem_fill(out.ptr(), bytes, nullptr);
+     }},
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3 || !cases.count(argv[1])) {
+    std::fprintf(stderr, "usage: %s <case> <dir> [sm=80] [key=value ...]\ncases:", argv[0]);
+    for (const auto& [name, _] : cases) std::fprintf(stderr, " %s", name.c_str());
+    std::fputc('\n', stderr);
+    return 2;
+  }
+  try {
+    Io io;
+    io.dir = argv[2];
+    for (int i = 3; i < argc; ++i) {
+      const char* eq = std::strchr(argv[i], '=');
+      if (!eq) throw std::runtime_error(std::string("expected key=value, got ") + argv[i]);
+      io.params[std::string(argv[i], size_t(eq - argv[i]))] = eq + 1;
+    }
+    const int sm = io.params.count("sm") ? io.param("sm") : 80;
+    if (!hw::emu::set_target_sm(sm))
+      throw std::runtime_error("unknown target sm=" + std::to_string(sm));
+    const hw::Error err = cases.at(argv[1])(io);
+    if (err != hw::Success) {
+      std::fprintf(stderr, "%s: launch failed: %s\n", argv[1], hw::error_string(err));
+      return 3;
+    }
+    for (auto& save : io.savers) save();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: %s\n", argv[1], e.what());
+    return 2;
+  }
+  return 0;
+}
