@@ -169,3 +169,83 @@ def test_fwd_sanitizers(variant, dtype):
     u, k, D, gi, go = make(rng, 3, 2, 100, dtype, gates=True)
     y = run_fwd(u, k, dtype, D=D, g_in=gi, g_out=go, strided=True, variant=variant)
     check(y, u, k, D, gi, go, dtype, "%s %s" % (variant, dtype))
+
+
+# --- backward ---------------------------------------------------------------------------
+
+BWD_CASE = {"f32": "fftconv_bwd_f32", "f16": "fftconv_bwd_f16", "bf16": "fftconv_bwd_bf16"}
+
+
+def run_bwd(u, k, dy, dtype, D=None, g_in=None, g_out=None, variant="plain", num_sms=1):
+    """Run the emulated backward kernel: dict of du, dk, dD, dg_in, dg_out (float64)."""
+    B, H, L = u.shape
+    N = fused_fft_size(L)
+    lk = min(k.shape[1], L)
+    K, k_exp = spectrum(k, L, N)
+    inputs = {"u": to_io(u, dtype).reshape(-1), "dy": to_io(dy, dtype), "K": K, "k_exp": k_exp}
+    params = {"B": B, "H": H, "L": L, "N": N, "lk": lk, "num_sms": num_sms,
+              "u_sb": H * L, "u_sh": L, "u_st": 1}
+    if D is not None:
+        inputs["D"] = D.astype(np.float32)
+        params["has_D"] = 1
+    if g_in is not None:
+        inputs["g_in"] = to_io(g_in, dtype).reshape(-1)
+        inputs["g_out"] = to_io(g_out, dtype).reshape(-1)
+        params["has_gates"] = 1
+    out = emu.run(BWD_CASE[dtype], inputs, variant, params=params).outputs
+    return {key: (from_io(v, dtype) if key in ("du", "dg_in", "dg_out") else v.astype(np.float64))
+            for key, v in out.items()}
+
+
+def check_grads(g, u, k, dy, D, gi, go, dtype, what):
+    from python_ref.conv import fftconv_grads
+    ref = fftconv_grads(u, k, dy, D, gi, go)
+    lk = min(k.shape[1], u.shape[-1])
+    errs = {}
+    for key, val in g.items():
+        r = ref[key][:, :lk] if key == "dk" else ref[key]
+        assert np.isfinite(val).all(), "%s %s: non-finite or unwritten" % (what, key)
+        err = rel_err(val, r)
+        # io-dtype outputs: 2x their rounding floor; dk and dD are float32 accumulations.
+        floor = rel_err(ROUND[dtype](r), r) if key in ("du", "dg_in", "dg_out") else 0.0
+        bound = 2 * floor + (BWD_F32_TERM[dtype] if key in ("dk", "dD") else 5e-7)
+        print("%s %s: rel err %.3g (floor %.3g, bound %.3g)" % (what, key, err, floor, bound))
+        errs[key] = err
+        assert err <= bound
+    return errs
+
+
+# Error allowed in the float32 accumulations dk and dD beyond their own rounding: fp32 stages
+# give float32-class results; the bf16 path's fp16 tensor-core operands give ~1e-3.
+BWD_F32_TERM = {"f32": 2e-6, "f16": 2e-6, "bf16": 4e-3}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
+@pytest.mark.parametrize("L,Lk", [(17, 17), (100, 30), (255, 255), (1000, 1000)])
+def test_bwd(L, Lk, dtype):
+    rng = np.random.default_rng(L + Lk)
+    u, k, D, gi, go = make(rng, 3, 2, L, dtype, gates=True)
+    k = rng.standard_normal((2, Lk)) / np.sqrt(Lk)
+    dy = ROUND[dtype](rng.standard_normal((3, 2, L)))
+    g = run_bwd(u, k, dy, dtype, D=D, g_in=gi, g_out=go)
+    assert set(g) == {"du", "dk", "dD", "dg_in", "dg_out"}
+    check_grads(g, u, k, dy, D, gi, go, dtype, "bwd L=%d Lk=%d %s" % (L, Lk, dtype))
+
+
+def test_bwd_no_gates_no_D_pairs_loop():
+    rng = np.random.default_rng(2)
+    u, k, _, _, _ = make(rng, 7, 1, 300, "bf16", D=False)
+    dy = round_bf16(rng.standard_normal((7, 1, 300)))
+    g = run_bwd(u, k, dy, "bf16", num_sms=1)
+    assert set(g) == {"du", "dk"}
+    check_grads(g, u, k, dy, None, None, None, "bf16", "bwd pairs loop")
+
+
+@pytest.mark.parametrize("variant", ["tsan", "asan"])
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+def test_bwd_sanitizers(variant, dtype):
+    rng = np.random.default_rng(4)
+    u, k, D, gi, go = make(rng, 3, 1, 40, dtype, gates=True)
+    dy = ROUND[dtype](rng.standard_normal((3, 1, 40)))
+    g = run_bwd(u, k, dy, dtype, D=D, g_in=gi, g_out=go, variant=variant)
+    check_grads(g, u, k, dy, D, gi, go, dtype, "bwd %s %s" % (variant, dtype))

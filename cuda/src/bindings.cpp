@@ -20,6 +20,8 @@ namespace flashconv {
 cudaError_t probe_launch(int* out, int n, cudaStream_t stream);
 cudaError_t fftconv_fwd(const FwdParams& p, int dtype, int num_sms, cudaStream_t stream);
 int64_t fftconv_fwd_max_n(int dtype);
+cudaError_t fftconv_bwd(const BwdParams& p, int dtype, int num_sms, cudaStream_t stream);
+int64_t fftconv_bwd_max_n(int dtype);
 }
 
 namespace {
@@ -95,6 +97,24 @@ const char* dtype_name(int dtype) {
   return "?";
 }
 
+flashconv::View3 view(uintptr_t p, const Strides& s) { return {as_ptr<const void*>(p), s[0], s[1], s[2]}; }
+flashconv::MutView3 mut_view(uintptr_t p, const Strides& s) { return {as_ptr<void*>(p), s[0], s[1], s[2]}; }
+
+// Runs a launcher on `device` and `stream` with the GIL released; errors name the kernel.
+template <class Launch>
+void run_kernel(const char* kernel, int dtype, int64_t N, int device, Launch&& launch) {
+  FC_THROW_ON_ERROR(cudaSetDevice(device), "cudaSetDevice");
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  cudaError_t err;
+  {
+    py::gil_scoped_release nogil;
+    err = launch(sms);
+  }
+  const std::string what = std::string(kernel) + "<" + dtype_name(dtype) + "> (N=" +
+                           std::to_string(N) + ") launch";
+  FC_THROW_ON_ERROR(err, what.c_str());
+}
+
 // The fused forward kernel on the caller's stream. Pointers are device addresses (0 for an
 // absent D or gate); strides are in elements; Python has validated everything.
 void fftconv_fwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t y, uintptr_t K,
@@ -102,28 +122,36 @@ void fftconv_fwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t y, uint
                  Strides u_s, Strides gi_s, Strides go_s, Strides y_s, int dtype, int device,
                  uintptr_t stream) {
   flashconv::FwdParams p{};
-  p.u = as_ptr<const void*>(u);
-  p.g_in = as_ptr<const void*>(g_in);
-  p.g_out = as_ptr<const void*>(g_out);
-  p.y = as_ptr<void*>(y);
-  p.K = as_ptr<const flashconv::cf32*>(K);
-  p.k_exp = as_ptr<const int32_t*>(k_exp);
+  p.u = view(u, u_s), p.g_in = view(g_in, gi_s), p.g_out = view(g_out, go_s);
+  p.y = mut_view(y, y_s);
+  p.spec = {as_ptr<const flashconv::cf32*>(K), as_ptr<const int32_t*>(k_exp)};
   p.D = as_ptr<const float*>(D);
   p.B = B, p.H = H, p.L = L, p.N = N;
-  p.u_sb = u_s[0], p.u_sh = u_s[1], p.u_st = u_s[2];
-  p.gi_sb = gi_s[0], p.gi_sh = gi_s[1], p.gi_st = gi_s[2];
-  p.go_sb = go_s[0], p.go_sh = go_s[1], p.go_st = go_s[2];
-  p.y_sb = y_s[0], p.y_sh = y_s[1], p.y_st = y_s[2];
-  FC_THROW_ON_ERROR(cudaSetDevice(device), "cudaSetDevice");
-  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  cudaError_t err;
-  {
-    py::gil_scoped_release nogil;
-    err = flashconv::fftconv_fwd(p, dtype, sms, as_ptr<cudaStream_t>(stream));
-  }
-  const std::string what = std::string("fftconv_fwd_kernel<") + dtype_name(dtype) + "> (N=" +
-                           std::to_string(N) + ") launch";
-  FC_THROW_ON_ERROR(err, what.c_str());
+  run_kernel("fftconv_fwd_kernel", dtype, N, device, [&](int sms) {
+    return flashconv::fftconv_fwd(p, dtype, sms, as_ptr<cudaStream_t>(stream));
+  });
+}
+
+// The fused backward kernel. dk (H, lk) and dD (H,) are float32 buffers the kernel adds
+// into (Python zeroes them); dg_in / dg_out / dD are 0 when not wanted.
+void fftconv_bwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t dy, uintptr_t du,
+                 uintptr_t dg_in, uintptr_t dg_out, uintptr_t K, uintptr_t k_exp, uintptr_t D,
+                 uintptr_t dk, uintptr_t dD, int64_t B, int64_t H, int64_t L, int64_t N,
+                 int64_t lk, Strides u_s, Strides gi_s, Strides go_s, Strides dy_s,
+                 Strides du_s, Strides dgi_s, Strides dgo_s, int dtype, int device,
+                 uintptr_t stream) {
+  flashconv::BwdParams p{};
+  p.u = view(u, u_s), p.g_in = view(g_in, gi_s), p.g_out = view(g_out, go_s);
+  p.dy = view(dy, dy_s);
+  p.du = mut_view(du, du_s), p.dg_in = mut_view(dg_in, dgi_s), p.dg_out = mut_view(dg_out, dgo_s);
+  p.spec = {as_ptr<const flashconv::cf32*>(K), as_ptr<const int32_t*>(k_exp)};
+  p.D = as_ptr<const float*>(D);
+  p.dk = as_ptr<float*>(dk);
+  p.dD = as_ptr<float*>(dD);
+  p.B = B, p.H = H, p.L = L, p.N = N, p.lk = lk;
+  run_kernel("fftconv_bwd_kernel", dtype, N, device, [&](int sms) {
+    return flashconv::fftconv_bwd(p, dtype, sms, as_ptr<cudaStream_t>(stream));
+  });
 }
 
 }  // namespace
@@ -140,6 +168,15 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("device"), "Opt-in dynamic shared memory per block (bytes) of `device`.");
   m.def("fftconv_fwd_max_n", &flashconv::fftconv_fwd_max_n, py::arg("dtype"),
         "Largest FFT size the fused forward kernel serves for a dtype code.");
+  m.def("fftconv_bwd_max_n", &flashconv::fftconv_bwd_max_n, py::arg("dtype"),
+        "Largest FFT size the fused backward kernel serves for a dtype code.");
+  m.def("fftconv_bwd", &fftconv_bwd, "Fused block-FFT convolution backward (see ops.py).",
+        py::arg("u"), py::arg("g_in"), py::arg("g_out"), py::arg("dy"), py::arg("du"),
+        py::arg("dg_in"), py::arg("dg_out"), py::arg("K"), py::arg("k_exp"), py::arg("D"),
+        py::arg("dk"), py::arg("dD"), py::arg("B"), py::arg("H"), py::arg("L"), py::arg("N"),
+        py::arg("lk"), py::arg("u_strides"), py::arg("g_in_strides"), py::arg("g_out_strides"),
+        py::arg("dy_strides"), py::arg("du_strides"), py::arg("dg_in_strides"),
+        py::arg("dg_out_strides"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
   m.def("fftconv_fwd", &fftconv_fwd, "Fused block-FFT convolution forward (see ops.py).",
         py::arg("u"), py::arg("g_in"), py::arg("g_out"), py::arg("y"), py::arg("K"),
         py::arg("k_exp"), py::arg("D"), py::arg("B"), py::arg("H"), py::arg("L"), py::arg("N"),

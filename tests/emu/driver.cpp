@@ -20,6 +20,7 @@
 // Inputs are exactly the size numpy gave, and outputs exactly their shape, so the ASan build
 // catches a kernel reading or writing past either. Then call it from Python with
 // tests/emu/build.py: run("fftconv_fwd_f16", {"u": u}, params={"L": 1000}).
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -31,6 +32,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "flashconv/fftconv_bwd.h"
 #include "flashconv/fftconv_fwd.h"
 #include "flashconv/hw.h"
 #include "kernels.h"
@@ -195,21 +197,26 @@ int64_t param_or(const Io& io, const std::string& key, int64_t fallback) {
   return io.params.count(key) ? io.param(key) : fallback;
 }
 
-// The fused forward kernel. u, g_in, g_out: flat buffers of the io dtype viewed through
-// shape B, H, L and strides (params u_sb, u_sh, u_st; the gates share u's strides); D and the
-// gates are used when their files' flags (has_D, has_gates) are 1. K: (H, N, 2) float32,
-// k_exp: (H,) int32. Output y: (B, H, L). num_sms sizes the grid like the GPU launcher.
+// View of a flat buffer as (B, H, L) with the strides given by params <name>_sb/_sh/_st.
+flashconv::View3 view3(const Io& io, const void* p, const std::string& name) {
+  return {p, io.param(name + "_sb"), io.param(name + "_sh"), io.param(name + "_st")};
+}
+
+flashconv::MutView3 dense3(void* p, int64_t H, int64_t L) { return {p, H * L, L, 1}; }
+
+// The fused forward kernel. u (and the gates, when has_gates=1, sharing u's strides): flat
+// buffers of the io dtype viewed through B, H, L and u_sb/u_sh/u_st; D when has_D=1.
+// K: (H, N, 2) float32, k_exp: (H,) int32. Output y: (B, H, L). num_sms sizes the grid like
+// the GPU launcher (CTAs per channel).
 template <class T>
 hw::Error fftconv_fwd(Io& io) {
   flashconv::FwdParams p{};
   p.B = io.param("B"), p.H = io.param("H"), p.L = io.param("L"), p.N = io.param("N");
-  p.u_sb = io.param("u_sb"), p.u_sh = io.param("u_sh"), p.u_st = io.param("u_st");
   auto u = io.in<T>("u");
   auto K = io.in<float>("K");
   auto k_exp = io.in<int32_t>("k_exp");
-  p.u = u.ptr();
-  p.K = reinterpret_cast<const flashconv::cf32*>(K.ptr());
-  p.k_exp = k_exp.ptr();
+  p.u = view3(io, u.ptr(), "u");
+  p.spec = {reinterpret_cast<const flashconv::cf32*>(K.ptr()), k_exp.ptr()};
   Array<float> D;
   Array<T> gi, go;
   if (param_or(io, "has_D", 0)) {
@@ -219,19 +226,58 @@ hw::Error fftconv_fwd(Io& io) {
   if (param_or(io, "has_gates", 0)) {
     gi = io.in<T>("g_in");
     go = io.in<T>("g_out");
-    p.g_in = gi.ptr();
-    p.g_out = go.ptr();
-    p.gi_sb = p.go_sb = p.u_sb;
-    p.gi_sh = p.go_sh = p.u_sh;
-    p.gi_st = p.go_st = p.u_st;
+    p.g_in = view3(io, gi.ptr(), "u");
+    p.g_out = view3(io, go.ptr(), "u");
   }
   auto& y = io.out<T>("y", {size_t(p.B), size_t(p.H), size_t(p.L)});
-  p.y = y.ptr();
-  p.y_sb = p.H * p.L, p.y_sh = p.L, p.y_st = 1;
+  p.y = dense3(y.ptr(), p.H, p.L);
   return flashconv::fftconv_fwd_launch<T>(p, int(param_or(io, "num_sms", 1)), nullptr);
 }
 
+// The fused backward kernel: inputs as fftconv_fwd plus dy (dense (B, H, L)) and lk; outputs
+// du, dk (H, lk), dD (H,) when has_D, dg_in and dg_out when has_gates.
+template <class T>
+hw::Error fftconv_bwd(Io& io) {
+  flashconv::BwdParams p{};
+  p.B = io.param("B"), p.H = io.param("H"), p.L = io.param("L"), p.N = io.param("N");
+  p.lk = io.param("lk");
+  const Shape bhl = {size_t(p.B), size_t(p.H), size_t(p.L)};
+  auto u = io.in<T>("u");
+  auto dy = io.in<T>("dy");
+  auto K = io.in<float>("K");
+  auto k_exp = io.in<int32_t>("k_exp");
+  p.u = view3(io, u.ptr(), "u");
+  p.dy = {dy.ptr(), p.H * p.L, p.L, 1};
+  p.spec = {reinterpret_cast<const flashconv::cf32*>(K.ptr()), k_exp.ptr()};
+  auto& du = io.out<T>("du", bhl);
+  p.du = dense3(du.ptr(), p.H, p.L);
+  auto& dk = io.out<float>("dk", {size_t(p.H), size_t(p.lk)});
+  std::fill(dk.data.begin(), dk.data.end(), 0.f);  // accumulated into
+  p.dk = dk.ptr();
+  Array<float> D;
+  Array<T> gi, go;
+  if (param_or(io, "has_D", 0)) {
+    D = io.in<float>("D");
+    p.D = D.ptr();
+    auto& dD = io.out<float>("dD", {size_t(p.H)});
+    std::fill(dD.data.begin(), dD.data.end(), 0.f);
+    p.dD = dD.ptr();
+  }
+  if (param_or(io, "has_gates", 0)) {
+    gi = io.in<T>("g_in");
+    go = io.in<T>("g_out");
+    p.g_in = view3(io, gi.ptr(), "u");
+    p.g_out = view3(io, go.ptr(), "u");
+    p.dg_in = dense3(io.out<T>("dg_in", bhl).ptr(), p.H, p.L);
+    p.dg_out = dense3(io.out<T>("dg_out", bhl).ptr(), p.H, p.L);
+  }
+  return flashconv::fftconv_bwd_launch<T>(p, int(param_or(io, "num_sms", 1)), nullptr);
+}
+
 const std::map<std::string, Case> cases = {
+    {"fftconv_bwd_f32", fftconv_bwd<float>},
+    {"fftconv_bwd_f16", fftconv_bwd<hw::half_t>},
+    {"fftconv_bwd_bf16", fftconv_bwd<hw::bf16_t>},
     {"fftconv_fwd_f32", fftconv_fwd<float>},
     {"fftconv_fwd_f16", fftconv_fwd<hw::half_t>},
     {"fftconv_fwd_bf16", fftconv_fwd<hw::bf16_t>},

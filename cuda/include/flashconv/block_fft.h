@@ -25,6 +25,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "flashconv/fftconv_params.h"
 #include "flashconv/hw.h"
@@ -282,6 +283,61 @@ FC_DEVICE void stage_last(Store* buf, int64_t N, int r, bool inverse, float scal
     case 8: stage_simt<8>(buf, N, 1, inverse, false, scale, epi); break;
     default: break;
   }
+}
+
+// Stage gains of a storage type. cf16 (tensor cores): 1/4 per radix-16 stage (inside F16),
+// 1/2 for a last radix of 4 or 8, so random data keeps its magnitude; cf32: none.
+template <class S>
+struct Gains {
+  static constexpr bool kScaled = std::is_same_v<S, cf16>;
+  FC_HOST_DEVICE static float last_scale(const Plan& p) { return kScaled && p.r > 2 ? 0.5f : 1.f; }
+  // log2 of what one forward (or one inverse) transform divides by.
+  FC_HOST_DEVICE static int transform_exp(const Plan& p) {
+    return kScaled ? 2 * p.n16 + (p.r > 2 ? 1 : 0) : 0;
+  }
+  // ... and a forward + inverse round trip (undone together with the 1/N).
+  FC_HOST_DEVICE static int round_trip_exp(const Plan& p) { return 2 * transform_exp(p); }
+};
+
+// Forward block FFT, in place, natural -> Monarch order. Entries [0, N/2) of buf hold the
+// (scaled) row; [N/2, N) are causal zero padding and are never read. Ends with a barrier.
+template <class S>
+FC_DEVICE void block_fft_forward(S* buf, int64_t N, const Plan& plan, const Dft16Fragments& F,
+                                 int* overflow) {
+  for (int s = 0; s < plan.n16; ++s) {  // X = F16 @ X; X = X * tw (where a stage follows)
+    const int64_t Ss = stage_stride(N, s);
+    const bool twiddle = s + 1 < plan.n16 || plan.r > 1;
+    stage16(buf, N, Ss, false, s == 0, F, StoreShared<S>{buf, twiddle ? Ss : 0, false, overflow});
+    hw::sync_block();
+  }
+  if (plan.r > 1) {  // X = F_r @ X on contiguous groups of r
+    stage_last(buf, N, plan.r, false, Gains<S>::last_scale(plan), StoreShared<S>{buf, 0, false, overflow});
+    hw::sync_block();
+  }
+}
+
+// Inverse block FFT from Monarch order (unnormalised: times N and the stage gains). The last
+// stage hands (time index n, re, im) to `out` for n < N/2 only -- the discarded half of the
+// causal convolution is never produced. Each earlier epilogue applies the conjugate twiddle
+// the next (outer) inverse stage needs. Ends with a barrier.
+template <class S, class Out>
+FC_DEVICE void block_fft_inverse(S* buf, int64_t N, const Plan& plan, const Dft16Fragments& F,
+                                 int* overflow, const Out& out) {
+  if (plan.r > 1) {  // X = conj(F_r) @ X; X = conj(tw of stage n16-1)
+    stage_last(buf, N, plan.r, true, Gains<S>::last_scale(plan),
+               StoreShared<S>{buf, stage_stride(N, plan.n16 - 1), true, overflow});
+    hw::sync_block();
+  }
+  for (int s = plan.n16 - 1; s >= 1; --s) {  // X = conj(F16) @ X; X = conj(tw of stage s-1)
+    stage16(buf, N, stage_stride(N, s), true, false, F,
+            StoreShared<S>{buf, stage_stride(N, s - 1), true, overflow});
+    hw::sync_block();
+  }
+  const int64_t half = N / 2;
+  stage16(buf, N, stage_stride(N, 0), true, false, F, [&](int64_t n, float re, float im) {
+    if (n < half) out(n, re, im);
+  });
+  hw::sync_block();
 }
 
 }  // namespace flashconv

@@ -29,24 +29,15 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 #include "flashconv/block_fft.h"
+#include "flashconv/fftconv_common.h"
 #include "flashconv/fftconv_params.h"
 #include "flashconv/hw.h"
 
 namespace flashconv {
 
-constexpr int kFwdThreads = 256;
-
-// Tensor cores (and fp16 storage between stages) for bf16 io only; see the header comment.
-template <class T>
-constexpr bool kTensorCores = std::is_same_v<T, bf16_t>;
-
-template <class T>
-using StorageFor = std::conditional_t<kTensorCores<T>, cf16, cf32>;
-
-// Largest FFT size the fused kernel serves for io dtype T.
+// Largest FFT size the fused forward kernel serves for io dtype T (one row on chip).
 template <class T>
 constexpr int64_t kMaxFusedN = kTensorCores<T> ? 32768 : 16384;
 
@@ -54,49 +45,6 @@ template <class T>
 constexpr size_t fwd_smem_bytes(int64_t N) {
   return size_t(N) * sizeof(StorageFor<T>);
 }
-
-// NaN-propagating max, so a NaN input is seen by the reduction.
-FC_DEVICE float max_nan(float a, float b) { return (b > a || b != b) ? b : a; }
-
-FC_DEVICE float block_max(float v, float* red) {
-  FC_UNROLL
-  for (int off = 16; off > 0; off >>= 1) v = max_nan(v, hw::shfl_xor(v, off));
-  if (hw::lane_id() == 0) red[hw::warp_id()] = v;
-  hw::sync_block();
-  const int nwarps = hw::block_dim() / 32;
-  float m = 0.f;
-  for (int w = 0; w < nwarps; ++w) m = max_nan(m, red[w]);
-  hw::sync_block();  // red is reused by the next reduction
-  return m;
-}
-
-// x = g_in * u at (b, t) of channel h, in fp32.
-template <class T>
-FC_DEVICE float load_x(const FwdParams& p, int64_t b, int64_t h, int64_t t) {
-  float x = hw::to_float(static_cast<const T*>(p.u)[b * p.u_sb + h * p.u_sh + t * p.u_st]);
-  if (p.g_in) x *= hw::to_float(static_cast<const T*>(p.g_in)[b * p.gi_sb + h * p.gi_sh + t * p.gi_st]);
-  return x;
-}
-
-// Epilogue of the last inverse stage: time index n, packed value (re: row b0, im: row b1).
-template <class T>
-struct StoreOutput {
-  const FwdParams* p;
-  int64_t h, b0;
-  float undo, d;
-  FC_DEVICE void operator()(int64_t n, float re, float im) const {
-    if (n >= p->L) return;  // the discarded half: t >= L
-    write(b0, n, re);
-    if (b0 + 1 < p->B) write(b0 + 1, n, im);
-  }
-  FC_DEVICE void write(int64_t b, int64_t n, float conv) const {
-    float y = conv * undo;
-    if (p->D) y += d * load_x<T>(*p, b, h, n);
-    if (p->g_out)
-      y *= hw::to_float(static_cast<const T*>(p->g_out)[b * p->go_sb + h * p->go_sh + n * p->go_st]);
-    static_cast<T*>(p->y)[b * p->y_sb + h * p->y_sh + n * p->y_st] = hw::from_float<T>(y);
-  }
-};
 
 template <class T>
 FC_GLOBAL void fftconv_fwd_kernel(FwdParams p) {
@@ -106,94 +54,63 @@ FC_GLOBAL void fftconv_fwd_kernel(FwdParams p) {
 
   const int64_t N = p.N, L = p.L, h = hw::block_idx_x();
   const Plan plan = make_plan(N);
-  const int tid = hw::thread_idx(), nthreads = hw::block_dim();
-  // Gains undone at the end: 1/4 per tensor-core radix-16 stage, 1/2 for r in {4, 8}.
-  const float last_scale = (kTensorCores<T> && plan.r > 2) ? 0.5f : 1.f;
-  const int stage_exp = kTensorCores<T> ? 2 * (2 * plan.n16 + (plan.r > 2 ? 1 : 0)) : 0;
-  int log2n = 0;
-  while ((int64_t(1) << log2n) < N) ++log2n;
   const Dft16Fragments F = kTensorCores<T> ? dft16_fragments() : Dft16Fragments{};
   const float d = p.D ? p.D[h] : 0.f;
+  const int undo_exp = p.spec.k_exp[h] + Gains<S>::round_trip_exp(plan) - log2_int(N);
+  auto x_at = [&](int64_t b, int64_t t) { return gated<T>(load<T>(p.u, b, h, t), p.g_in, b, h, t); };
 
   for (int64_t b0 = 2 * int64_t(hw::block_idx_y()); b0 < p.B; b0 += 2 * int64_t(hw::grid_dim_y())) {
-    const bool has_b1 = b0 + 1 < p.B;
-    // 1. the pair's max |x|
+    // 1. the pair's max |x|, for the load scale 2^-e
     float m = 0.f;
-    for (int64_t t = tid; t < L; t += nthreads) {
-      m = max_nan(m, fabsf(load_x<T>(p, b0, h, t)));
-      if (has_b1) m = max_nan(m, fabsf(load_x<T>(p, b0 + 1, h, t)));
+    for (int64_t t = hw::thread_idx(); t < L; t += hw::block_dim()) {
+      m = max_nan(m, fabsf(x_at(b0, t)));
+      if (b0 + 1 < p.B) m = max_nan(m, fabsf(x_at(b0 + 1, t)));
     }
-    m = block_max(m, red);
-    int e = 0;
-    if (finite(m) && m > 0.f) frexpf(m, &e);  // m < 2^e
+    m = block_reduce<false>(m, red);
     for (int attempt = 0;; ++attempt) {
-      const int e_in = e + 12 * attempt;
-      const float scale = ldexpf(1.f, -e_in);
-      int overflow = 0;  // this thread's fp16 stores that overflowed; OR-reduced at the end
-      // 2. load the pair, zero-padded to N/2
-      for (int64_t t = tid; t < N / 2; t += nthreads) {
-        float re = 0.f, im = 0.f;
-        if (t < L) {
-          re = load_x<T>(p, b0, h, t) * scale;
-          if (has_b1) im = load_x<T>(p, b0 + 1, h, t) * scale;
-        }
-        store_c(buf[t], re, im, &overflow);
-      }
-      hw::sync_block();
-      // 3. forward stages: X = F16 @ X, X = X * tw (twiddle only where a stage follows)
-      for (int s = 0; s < plan.n16; ++s) {
-        const int64_t Ss = stage_stride(N, s);
-        const bool twiddle = s + 1 < plan.n16 || plan.r > 1;
-        stage16(buf, N, Ss, false, s == 0, F, StoreShared<S>{buf, twiddle ? Ss : 0, false, &overflow});
-        hw::sync_block();
-      }
-      if (plan.r > 1) {  // X = F_r @ X on contiguous groups of r
-        stage_last(buf, N, plan.r, false, last_scale, StoreShared<S>{buf, 0, false, &overflow});
-        hw::sync_block();
-      }
+      const int e = scale_exponent(m) + 12 * attempt;
+      int overflow = 0;  // this thread's fp16 stores that overflowed; OR-reduced below
+      // 2. z = (x_b0 + i x_b1) * 2^-e, zero-padded to N/2
+      load_pair(buf, N, L, p.B, b0, ldexpf(1.f, -e), &overflow, x_at);
+      // 3. forward stages: X = F16 @ X; X = X * tw
+      block_fft_forward(buf, N, plan, F, &overflow);
       // 4. X = X * K (both in Monarch order)
-      const cf32* K = p.K + h * N;
-      for (int64_t i = tid; i < N; i += nthreads) {
+      const cf32* K = p.spec.K + h * N;
+      for (int64_t i = hw::thread_idx(); i < N; i += hw::block_dim()) {
         float re, im;
         load_c(buf[i], re, im);
         cmul(re, im, K[i].re, K[i].im);
         store_c(buf[i], re, im, &overflow);
       }
       hw::sync_block();
-      // 5. inverse stages, in reverse; each epilogue applies the conjugate twiddle that the
-      //    next (outer) inverse stage needs, the last writes y.
-      if (plan.r > 1) {  // X = conj(F_r) @ X, X = conj(tw of stage n16-1)
-        stage_last(buf, N, plan.r, true, last_scale,
-                   StoreShared<S>{buf, stage_stride(N, plan.n16 - 1), true, &overflow});
-        hw::sync_block();
-      }
-      for (int s = plan.n16 - 1; s >= 1; --s) {  // X = conj(F16) @ X, X = conj(tw of stage s-1)
-        stage16(buf, N, stage_stride(N, s), true, false, F,
-                StoreShared<S>{buf, stage_stride(N, s - 1), true, &overflow});
-        hw::sync_block();
-      }
-      const float undo = ldexpf(1.f, e_in + p.k_exp[h] + stage_exp - log2n);
-      stage16(buf, N, stage_stride(N, 0), true, false, F, StoreOutput<T>{&p, h, b0, undo, d});
-      // (block_max's barriers also free buf for the next pair)
-      const bool any_overflow = block_max(float(overflow), red) > 0.f;
+      // 5. inverse stages; the last writes y = g_out * (conv + D x) for t < L
+      const float undo = ldexpf(1.f, e + undo_exp);
+      block_fft_inverse(buf, N, plan, F, &overflow, [&](int64_t t, float re, float im) {
+        if (t >= L) return;  // the discarded half
+        FC_UNROLL
+        for (int j = 0; j < 2; ++j) {
+          const int64_t b = b0 + j;
+          if (b >= p.B) break;
+          float y = (j ? im : re) * undo;
+          if (p.D) y += d * x_at(b, t);
+          store<T>(p.y, b, h, t, gated<T>(y, p.g_out, b, h, t));
+        }
+      });
+      // An overflowed fp16 store was clamped: redo the pair at a smaller scale.
+      const bool any_overflow = block_reduce<false>(float(overflow), red) > 0.f;
       if (!(any_overflow && finite(m) && attempt < 2)) break;
     }
   }
 }
 
-// Launch on `stream`: grid (H, pair groups); `num_sms` sizes the grid so every SM is busy
-// while each CTA still loops over several pairs (K and the DFT fragments loaded once).
+// Launch on `stream` (grid: pair_grid). Python never asks for an unsupported size.
 template <class T>
 hw::Error fftconv_fwd_launch(const FwdParams& p, int num_sms, hw::Stream stream) {
   if (p.N < 32 || p.N > kMaxFusedN<T> || (p.N & (p.N - 1)) || 2 * p.L > p.N || p.H > 0x7fffffff)
-    return static_cast<hw::Error>(1);  // invalid value: Python never asks for this
+    return hw::ErrorInvalidValue;
   if (p.B == 0 || p.H == 0 || p.L == 0) return hw::Success;
-  const int64_t pairs = (p.B + 1) / 2;
-  const int64_t want = (4 * int64_t(num_sms) + p.H - 1) / p.H;  // CTAs per channel
-  hw::Grid grid;
-  grid.x = int(p.H);
-  grid.y = int(want < 1 ? 1 : (want < pairs ? (want < 65535 ? want : 65535) : pairs));
-  return hw::launch(fftconv_fwd_kernel<T>, grid, kFwdThreads, fwd_smem_bytes<T>(p.N), stream, p);
+  return hw::launch(fftconv_fwd_kernel<T>, pair_grid(p.B, p.H, num_sms), kThreads,
+                    fwd_smem_bytes<T>(p.N), stream, p);
 }
 
 }  // namespace flashconv

@@ -14,22 +14,40 @@ struct cf32 {
 // Data type codes shared with Python (flashconv/ops.py: _DTYPE_CODES).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-struct FwdParams {
-  // (B, H, L) tensors of the io dtype; g_in and g_out may be null.
-  const void* u;
-  const void* g_in;
-  const void* g_out;
-  void* y;
-  // (H, N) kernel spectrum in the plan's Monarch order, scaled per channel by 2^-k_exp[h] so
-  // that max |K| <= 1 (the tensor-core path stores fp16 between stages; see fftconv_fwd.h).
+// A (B, H, L) tensor of the io dtype: data pointer (null if absent) and strides in elements.
+struct View3 {
+  const void* p;
+  int64_t sb, sh, st;
+};
+struct MutView3 {
+  void* p;
+  int64_t sb, sh, st;
+};
+
+// The kernel spectrum every pass shares: (H, N) in the plan's Monarch order, scaled per
+// channel by 2^-k_exp[h] so that max |K| <= 1 (the tensor-core path stores fp16).
+struct Spectrum {
   const cf32* K;
   const int32_t* k_exp;  // (H,)
-  const float* D;        // (H,) or null
+};
+
+struct FwdParams {
+  View3 u, g_in, g_out;  // gates may be absent
+  MutView3 y;
+  Spectrum spec;
+  const float* D;  // (H,) or null
   int64_t B, H, L, N;
-  int64_t u_sb, u_sh, u_st;  // strides of u, in elements
-  int64_t gi_sb, gi_sh, gi_st;
-  int64_t go_sb, go_sh, go_st;
-  int64_t y_sb, y_sh, y_st;
+};
+
+// Gradients of y = g_out * (conv(x, k) + D x), x = g_in * u, given dy.
+struct BwdParams {
+  View3 u, g_in, g_out, dy;
+  MutView3 du, dg_in, dg_out;  // dg_in / dg_out null when not wanted (or gate absent)
+  Spectrum spec;
+  const float* D;  // (H,) or null
+  float* dk;       // (H, lk) float32, accumulated (+=): zero it first
+  float* dD;       // (H,) float32, accumulated (+=), or null
+  int64_t B, H, L, N, lk;
 };
 
 }  // namespace flashconv

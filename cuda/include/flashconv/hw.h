@@ -20,6 +20,7 @@
 //   lane_id() warp_id()              (1-D blocks)
 //   dyn_smem<T>()    the launch's dynamic shared memory
 //   sync_block()     __syncthreads()
+//   atomic_add(p, v) atomicAdd on a float in global memory
 //   sync_warp(), shfl_xor(v, mask), shfl_idx(v, src)   full-warp (all 32 lanes) collectives,
 //                    v float or uint32_t
 //   mma_m16n8k16<T>(d, a, b, c)   mma.sync.aligned.m16n8k16.row.col.f32.{f16|bf16}.{..}.f32,
@@ -129,6 +130,7 @@ FC_DEVICE T* dyn_smem() {
 
 FC_DEVICE void sync_block() { __syncthreads(); }
 FC_DEVICE void sync_warp() { __syncwarp(); }
+FC_DEVICE void atomic_add(float* p, float v) { atomicAdd(p, v); }
 FC_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
 FC_DEVICE uint32_t shfl_xor(uint32_t v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
 FC_DEVICE float shfl_idx(float v, int src) { return __shfl_sync(0xffffffffu, v, src); }
@@ -682,6 +684,11 @@ inline uint32_t shfl_idx(uint32_t v, int src, const detail::Where& at = detail::
 
 inline float shfl_idx(float v, int src, const detail::Where& at = detail::Where::current()) {
   return detail::float_of(shfl_idx(detail::bits_of(v), src, at));
+}
+
+// atomicAdd on global memory (relaxed: the kernel's end is what orders it for the host).
+inline void atomic_add(float* p, float v) {
+  std::atomic_ref<float>(*p).fetch_add(v, std::memory_order_relaxed);
 }
 
 // d = A (16x16, row) * B (16x8, col) + C, over the warp. PTX ISA fragment layout, with

@@ -1,0 +1,173 @@
+// The fused block-FFT causal convolution, backward. With x = g_in u, z = conv(x, k) + D x,
+// y = g_out z and dz = g_out dy:
+//
+//   dx[t]   = sum_s k[s] dz[t+s] + D dz[t]        (a causal correlation: DZ * conj(K))
+//   du      = g_in dx,  dg_in = u dx,  dg_out = dy z
+//   dk[s]   = sum_b sum_t dz[b,t] x[b,t-s]         (Re IFFT(conj(X) DZ), summed over pairs)
+//   dD      = sum_b sum_t dz[b,t] x[b,t]
+//
+// One CTA per channel h loops over pairs of batch rows packed as one complex row, like the
+// forward (fftconv_fwd.h). With packed X = X1 + i X2 and DZ = DZ1 + i DZ2 (spectra of real
+// rows), conj(X) DZ = conj(X1) DZ1 + conj(X2) DZ2 + i (conj(X1) DZ2 - conj(X2) DZ1); both
+// brackets are spectra of real signals, so Re IFFT(conj(X) DZ) is exactly the pair's dk
+// contribution: no unpacking. Per pair, two rows of shared memory A and B:
+//   1. max |x|, max |dz| (scales 2^-ex, 2^-edz) and the pair's sum dz x (-> dD)
+//   2. A = FFT(dz * 2^-edz), B = FFT(x * 2^-ex)        // forward stages, as the forward
+//   3. B = conj(B) * A;  A = A * conj(K)                  // pointwise, Monarch order
+//   4. A = IFFT(A) -> dx -> du, dg_in (HBM)
+//   5. if dg_out is wanted: A = FFT(x), A = A * K, IFFT -> z -> dg_out = dy z (HBM)
+//   6. B = IFFT(B) -> Re, t < lk, kept in B as floats; after the overflow check, dk += (HBM)
+// An fp16 overflow (bf16 path) redoes the pair at a smaller scale before anything is added
+// to dk; outputs written to HBM are simply rewritten. dk and dD are accumulated with atomic
+// adds in fp32 (their summation order, and so their last bits, vary from run to run).
+// Shared memory is two rows: bf16 N <= 16K (2 x 64 KB), fp32/fp16 N <= 8K (2 x 64 KB).
+#pragma once
+
+#include <cstdint>
+
+#include "flashconv/block_fft.h"
+#include "flashconv/fftconv_common.h"
+#include "flashconv/fftconv_params.h"
+#include "flashconv/hw.h"
+
+namespace flashconv {
+
+template <class T>
+constexpr int64_t kMaxFusedBwdN = kTensorCores<T> ? 16384 : 8192;
+
+template <class T>
+constexpr size_t bwd_smem_bytes(int64_t N) {
+  return 2 * size_t(N) * sizeof(StorageFor<T>);
+}
+
+// A float kept in the storage slot of element n (the first 4 bytes of slot n): an inverse
+// stage writes element n's slot only after its warp (or thread) has read it.
+template <class S>
+FC_DEVICE float& slot_float(S* buf, int64_t n) {
+  return *reinterpret_cast<float*>(buf + n);
+}
+
+template <class T>
+FC_GLOBAL void fftconv_bwd_kernel(BwdParams p) {
+  using S = StorageFor<T>;
+  S* A = hw::dyn_smem<S>();  // (N,) complex each: dz's spectrum, then x's
+  S* Bf = A + p.N;           // (N,) complex: x's spectrum, then the dk product
+  FC_SHARED float red[32];
+
+  const int64_t N = p.N, L = p.L, h = hw::block_idx_x();
+  const Plan plan = make_plan(N);
+  const Dft16Fragments F = kTensorCores<T> ? dft16_fragments() : Dft16Fragments{};
+  const float d = p.D ? p.D[h] : 0.f;
+  const int kexp = p.spec.k_exp[h];
+  const int trip = Gains<S>::round_trip_exp(plan) - log2_int(N);
+  const cf32* K = p.spec.K + h * N;
+  auto x_at = [&](int64_t b, int64_t t) { return gated<T>(load<T>(p.u, b, h, t), p.g_in, b, h, t); };
+  auto dz_at = [&](int64_t b, int64_t t) { return gated<T>(load<T>(p.dy, b, h, t), p.g_out, b, h, t); };
+  float dD_acc = 0.f;  // this thread's share of sum dz x over its CTA's pairs
+
+  for (int64_t b0 = 2 * int64_t(hw::block_idx_y()); b0 < p.B; b0 += 2 * int64_t(hw::grid_dim_y())) {
+    // 1. scales and dD
+    float mx = 0.f, mdz = 0.f;
+    for (int64_t t = hw::thread_idx(); t < L; t += hw::block_dim()) {
+      for (int64_t b = b0; b < b0 + 2 && b < p.B; ++b) {
+        const float x = x_at(b, t), dz = dz_at(b, t);
+        mx = max_nan(mx, fabsf(x));
+        mdz = max_nan(mdz, fabsf(dz));
+        dD_acc += dz * x;
+      }
+    }
+    mx = block_reduce<false>(mx, red);
+    mdz = block_reduce<false>(mdz, red);
+    const bool finite_in = finite(mx) && finite(mdz);
+    for (int attempt = 0;; ++attempt) {
+      const int ex = scale_exponent(mx) + 12 * attempt, edz = scale_exponent(mdz) + 12 * attempt;
+      int overflow = 0;
+      // 2. A = FFT(dz), B = FFT(x)
+      load_pair(A, N, L, p.B, b0, ldexpf(1.f, -edz), &overflow, dz_at);
+      block_fft_forward(A, N, plan, F, &overflow);
+      load_pair(Bf, N, L, p.B, b0, ldexpf(1.f, -ex), &overflow, x_at);
+      block_fft_forward(Bf, N, plan, F, &overflow);
+      // 3. B = conj(X) DZ (dk), A = DZ conj(K) (dx)
+      for (int64_t i = hw::thread_idx(); i < N; i += hw::block_dim()) {
+        float ar, ai, xr, xi;
+        load_c(A[i], ar, ai);
+        load_c(Bf[i], xr, xi);
+        float pr = ar, pi = ai;
+        cmul(pr, pi, xr, -xi);
+        store_c(Bf[i], pr, pi, &overflow);
+        cmul(ar, ai, K[i].re, -K[i].im);
+        store_c(A[i], ar, ai, &overflow);
+      }
+      hw::sync_block();
+      // 4. dx = IFFT(A) + D dz -> du = g_in dx, dg_in = u dx
+      const float undo_dx = ldexpf(1.f, edz + kexp + trip);
+      block_fft_inverse(A, N, plan, F, &overflow, [&](int64_t t, float re, float im) {
+        if (t >= L) return;
+        FC_UNROLL
+        for (int j = 0; j < 2; ++j) {
+          const int64_t b = b0 + j;
+          if (b >= p.B) break;
+          float dx = (j ? im : re) * undo_dx;
+          if (p.D) dx += d * dz_at(b, t);
+          store<T>(p.du, b, h, t, gated<T>(dx, p.g_in, b, h, t));
+          if (p.dg_in.p) store<T>(p.dg_in, b, h, t, dx * load<T>(p.u, b, h, t));
+        }
+      });
+      // 5. dg_out = dy z, z = IFFT(FFT(x) K) + D x  (A is free again)
+      if (p.dg_out.p) {
+        load_pair(A, N, L, p.B, b0, ldexpf(1.f, -ex), &overflow, x_at);
+        block_fft_forward(A, N, plan, F, &overflow);
+        for (int64_t i = hw::thread_idx(); i < N; i += hw::block_dim()) {
+          float re, im;
+          load_c(A[i], re, im);
+          cmul(re, im, K[i].re, K[i].im);
+          store_c(A[i], re, im, &overflow);
+        }
+        hw::sync_block();
+        const float undo_z = ldexpf(1.f, ex + kexp + trip);
+        block_fft_inverse(A, N, plan, F, &overflow, [&](int64_t t, float re, float im) {
+          if (t >= L) return;
+          FC_UNROLL
+          for (int j = 0; j < 2; ++j) {
+            const int64_t b = b0 + j;
+            if (b >= p.B) break;
+            float z = (j ? im : re) * undo_z;
+            if (p.D) z += d * x_at(b, t);
+            store<T>(p.dg_out, b, h, t, z * load<T>(p.dy, b, h, t));
+          }
+        });
+      }
+      // 6. the pair's dk contribution, kept as floats in B's slots until overflow is ruled out
+      // (two forward transforms, X and DZ, feed this one inverse: one more transform gain)
+      const float undo_dk = ldexpf(1.f, ex + edz + trip + Gains<S>::transform_exp(plan));
+      block_fft_inverse(Bf, N, plan, F, &overflow, [&](int64_t t, float re, float) {
+        if (t < p.lk) slot_float(Bf, t) = re * undo_dk;
+      });
+      // An overflowed fp16 store was clamped: redo the pair at a smaller scale (outputs are
+      // rewritten; nothing has been added to dk yet).
+      const bool any_overflow = block_reduce<false>(float(overflow), red) > 0.f;
+      if (any_overflow && finite_in && attempt < 2) continue;
+      for (int64_t t = hw::thread_idx(); t < p.lk; t += hw::block_dim())
+        hw::atomic_add(p.dk + h * p.lk + t, slot_float(Bf, t));
+      hw::sync_block();  // B is rewritten by the next pair
+      break;
+    }
+  }
+  if (p.dD) {
+    dD_acc = block_reduce<true>(dD_acc, red);
+    if (hw::thread_idx() == 0) hw::atomic_add(p.dD + h, dD_acc);
+  }
+}
+
+// Launch on `stream` (grid: pair_grid). dk and dD must be zeroed by the caller.
+template <class T>
+hw::Error fftconv_bwd_launch(const BwdParams& p, int num_sms, hw::Stream stream) {
+  if (p.N < 32 || p.N > kMaxFusedBwdN<T> || (p.N & (p.N - 1)) || 2 * p.L > p.N || p.lk > p.L ||
+      p.H > 0x7fffffff)
+    return hw::ErrorInvalidValue;
+  if (p.B == 0 || p.H == 0 || p.L == 0) return hw::Success;
+  return hw::launch(fftconv_bwd_kernel<T>, pair_grid(p.B, p.H, num_sms), kThreads,
+                    bwd_smem_bytes<T>(p.N), stream, p);
+}
+
+}  // namespace flashconv

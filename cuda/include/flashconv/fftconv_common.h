@@ -1,0 +1,104 @@
+// Pieces the fused forward and backward kernels share: tensor access through View3, block
+// reductions, the pair scale, and the storage choice per io dtype.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "flashconv/block_fft.h"
+#include "flashconv/fftconv_params.h"
+#include "flashconv/hw.h"
+
+namespace flashconv {
+
+constexpr int kThreads = 256;  // per CTA, both kernels
+
+// Tensor cores (and fp16 storage between stages) for bf16 io only: fp16 tensor-core
+// operands would cost fp16 outputs 2.3-3.3x their rounding error (python_ref's emulation),
+// beyond DESIGN section 6's 2x rule; fp32 io needs fp32 accuracy. Those run fp32 stages.
+template <class T>
+constexpr bool kTensorCores = std::is_same_v<T, bf16_t>;
+
+template <class T>
+using StorageFor = std::conditional_t<kTensorCores<T>, cf16, cf32>;
+
+template <class T>
+FC_DEVICE float load(const View3& v, int64_t b, int64_t h, int64_t t) {
+  return hw::to_float(static_cast<const T*>(v.p)[b * v.sb + h * v.sh + t * v.st]);
+}
+
+template <class T>
+FC_DEVICE void store(const MutView3& v, int64_t b, int64_t h, int64_t t, float x) {
+  static_cast<T*>(v.p)[b * v.sb + h * v.sh + t * v.st] = hw::from_float<T>(x);
+}
+
+// a * b where b is an optional gate (absent: 1).
+template <class T>
+FC_DEVICE float gated(float a, const View3& gate, int64_t b, int64_t h, int64_t t) {
+  return gate.p ? a * load<T>(gate, b, h, t) : a;
+}
+
+// NaN-propagating max, so a NaN input is seen by the reduction.
+FC_DEVICE float max_nan(float a, float b) { return (b > a || b != b) ? b : a; }
+
+// Block-wide max (NaN-propagating) or sum; `red` is 32 floats of shared memory. Ends with a
+// barrier, so red (and anything else the block wrote before) is free afterwards.
+template <bool kSum>
+FC_DEVICE float block_reduce(float v, float* red) {
+  FC_UNROLL
+  for (int off = 16; off > 0; off >>= 1) {
+    const float o = hw::shfl_xor(v, off);
+    v = kSum ? v + o : max_nan(v, o);
+  }
+  if (hw::lane_id() == 0) red[hw::warp_id()] = v;
+  hw::sync_block();
+  float r = 0.f;
+  for (int w = 0; w < hw::block_dim() / 32; ++w) r = kSum ? r + red[w] : max_nan(r, red[w]);
+  hw::sync_block();
+  return r;
+}
+
+// Exponent e with m < 2^e (0 for m = 0 or non-finite m): rows are scaled by 2^-e on load.
+FC_DEVICE int scale_exponent(float m) {
+  int e = 0;
+  if (finite(m) && m > 0.f) frexpf(m, &e);
+  return e;
+}
+
+FC_DEVICE int log2_int(int64_t N) {
+  int l = 0;
+  while ((int64_t(1) << l) < N) ++l;
+  return l;
+}
+
+// Loads rows b0 and b0+1 (if < B) of f(b, t) * scale, packed as re/im, into buf[0, N/2)
+// (zeros for t >= L). f reads global memory.
+template <class S, class F>
+FC_DEVICE void load_pair(S* buf, int64_t N, int64_t L, int64_t B, int64_t b0, float scale,
+                         int* overflow, const F& f) {
+  for (int64_t t = hw::thread_idx(); t < N / 2; t += hw::block_dim()) {
+    float re = 0.f, im = 0.f;
+    if (t < L) {
+      re = f(b0, t) * scale;
+      if (b0 + 1 < B) im = f(b0 + 1, t) * scale;
+    }
+    store_c(buf[t], re, im, overflow);
+  }
+  hw::sync_block();
+}
+
+// Grid (H, pair groups): enough CTAs per channel to fill `num_sms` SMs about 4 times over,
+// each CTA looping over its pairs (K and the DFT fragments loaded once per CTA).
+FC_HOST_DEVICE hw::Grid pair_grid(int64_t B, int64_t H, int num_sms) {
+  const int64_t pairs = (B + 1) / 2;
+  int64_t want = (4 * int64_t(num_sms) + H - 1) / H;
+  if (want > pairs) want = pairs;
+  if (want > 65535) want = 65535;
+  if (want < 1) want = 1;
+  hw::Grid g;
+  g.x = int(H);
+  g.y = int(want);
+  return g;
+}
+
+}  // namespace flashconv
