@@ -7,6 +7,11 @@ Shapes: u, g_in, g_out, y (B, H, L); k (H, Lk); D (H,). A kernel shorter than L 
 zero-extended, a longer one is truncated to L (taps s >= L never reach an output t < L).
 g_in, g_out and D are optional (None: absent, i.e. ones / zero).
 
+Bidirectional (non-causal) convolution, as LRA models use, adds an anti-causal kernel
+k_rev (H, Lk_rev) inside the bracket: ``+ sum_{s >= 0} k_rev[h,s] * x[b,h,t+s]`` (lag 0 is
+counted by both kernels, as in H3's ``fftconv_ref(..., k_rev=...)``, whose spectrum is
+``rfft(k) + conj(rfft(k_rev))``).
+
 Two independent computations are given so that each checks the other: a direct sum
 (causal_conv_direct) and an FFT convolution (fftconv), plus the analytic gradients
 (fftconv_grads) that the backward kernel must reproduce.
@@ -16,6 +21,14 @@ import numpy as np
 import scipy.fft
 
 __all__ = ["causal_conv_direct", "fftconv", "fftconv_grads"]
+
+
+def _kernel(name, k, H, L):
+    """(H, Lk) float64 kernel truncated to min(Lk, L) taps."""
+    k = np.asarray(k, dtype=np.float64)
+    if k.ndim != 2 or k.shape[0] != H or k.shape[1] < 1:
+        raise ValueError(f"{name} must be (H, Lk) with H={H}, Lk >= 1, got shape {k.shape}")
+    return k[:, : min(k.shape[1], L)]
 
 
 def _prepare(u, k, D, g_in, g_out):
@@ -28,9 +41,7 @@ def _prepare(u, k, D, g_in, g_out):
     if u.ndim != 3:
         raise ValueError(f"u must be (B, H, L), got shape {u.shape}")
     B, H, L = u.shape
-    if k.ndim != 2 or k.shape[0] != H or k.shape[1] < 1:
-        raise ValueError(f"k must be (H, Lk) with H={H}, Lk >= 1, got shape {k.shape}")
-    k_eff = k[:, : min(k.shape[1], L)]
+    k_eff = _kernel("k", k, H, L)
     if D is not None:
         D = np.asarray(D, dtype=np.float64)
         if D.shape != (H,):
@@ -56,11 +67,11 @@ def _finish(z, x, D, g_out):
     return z
 
 
-def causal_conv_direct(u, k, D=None, g_in=None, g_out=None):
+def causal_conv_direct(u, k, D=None, g_in=None, g_out=None, k_rev=None):
     """Direct (O(L * Lk)) float64 causal convolution; returns y (B, H, L) float64.
 
     Exactly the defining sum, with no transform involved: the ground truth for the
-    FFT-based references on small and medium sizes.
+    FFT-based references on small and medium sizes. k_rev: optional anti-causal kernel.
     """
     u, k, D, g_in, g_out, x = _prepare(u, k, D, g_in, g_out)
     B, H, L = x.shape
@@ -76,6 +87,10 @@ def causal_conv_direct(u, k, D=None, g_in=None, g_out=None):
         z = np.zeros((B, H, L))  # (B, H, L) float64
         for s in range(Lk):
             z[:, :, s:] += k[None, :, s, None] * x[:, :, : L - s]
+    if k_rev is not None:
+        kr = _kernel("k_rev", k_rev, H, L)
+        for s in range(kr.shape[1]):  # z[t] += k_rev[s] x[t + s]
+            z[:, :, : L - s] += kr[None, :, s, None] * x[:, :, s:]
     return _finish(z, x, D, g_out)
 
 
@@ -84,19 +99,27 @@ def _fft_len(L, Lk):
     return scipy.fft.next_fast_len(L + Lk - 1, real=True)
 
 
-def fftconv(u, k, D=None, g_in=None, g_out=None):
+def _spectrum(k, k_rev, n):
+    """rfft of k plus, for a bidirectional convolution, conj(rfft(k_rev))."""
+    K = scipy.fft.rfft(k, n)
+    return K if k_rev is None else K + np.conj(scipy.fft.rfft(k_rev, n))
+
+
+def fftconv(u, k, D=None, g_in=None, g_out=None, k_rev=None):
     """float64 FFT causal convolution (scipy.fft, n = next fast length >= L + min(Lk,L) - 1).
 
     The float64 counterpart of the H3/Hyena/S4 ``fftconv_ref``; returns y (B, H, L).
+    k_rev: optional anti-causal kernel (bidirectional convolution).
     """
     u, k, D, g_in, g_out, x = _prepare(u, k, D, g_in, g_out)
     L = x.shape[-1]
-    n = _fft_len(L, k.shape[1])
-    z = scipy.fft.irfft(scipy.fft.rfft(x, n) * scipy.fft.rfft(k, n), n)[..., :L]  # (B, H, L)
+    kr = None if k_rev is None else _kernel("k_rev", k_rev, x.shape[1], L)
+    n = _fft_len(L, max(k.shape[1], 0 if kr is None else kr.shape[1]))
+    z = scipy.fft.irfft(scipy.fft.rfft(x, n) * _spectrum(k, kr, n), n)[..., :L]  # (B, H, L)
     return _finish(z, x, D, g_out)
 
 
-def fftconv_grads(u, k, dy, D=None, g_in=None, g_out=None):
+def fftconv_grads(u, k, dy, D=None, g_in=None, g_out=None, k_rev=None):
     """Analytic float64 gradients of y = fftconv(u, k, D, g_in, g_out) given dL/dy = dy.
 
     With z = conv(k, x) + D * x (the convolution before the output gate) and
@@ -108,11 +131,15 @@ def fftconv_grads(u, k, dy, D=None, g_in=None, g_out=None):
       dD[h]        = sum_b sum_t dz[b,h,t] x[b,h,t]
       dg_in[b,h,t] = dx * u,   dg_out[b,h,t] = dy * z
 
-    Returns a dict with keys du, dk (shape (H, Lk) of the k given), dD, dg_in, dg_out;
-    an entry is None where the corresponding input is None.
+    With k_rev, dx also gets sum_s k_rev[h,s] dz[b,h,t-s] and
+      dk_rev[h,s]  = sum_b sum_t dz[b,h,t] x[b,h,t+s].
+
+    Returns a dict with keys du, dk (shape (H, Lk) of the k given), dD, dg_in, dg_out
+    (and dk_rev when k_rev is given); an entry is None where its input is None.
     """
     Lk_full = np.shape(k)[-1]
     u, k, D, g_in, g_out, x = _prepare(u, k, D, g_in, g_out)
+    kr = None if k_rev is None else _kernel("k_rev", k_rev, x.shape[1], x.shape[2])
     dy = np.asarray(dy, dtype=np.float64)
     if dy.shape != u.shape:
         raise ValueError(f"dy must have u's shape {u.shape}, got {dy.shape}")
@@ -120,9 +147,9 @@ def fftconv_grads(u, k, dy, D=None, g_in=None, g_out=None):
     Lk = k.shape[1]
     # Correlations are products with conjugated spectra; n >= L + Lk - 1 keeps every
     # lag t + s < n, so nothing wraps around the circular transform.
-    n = _fft_len(L, Lk)
+    n = _fft_len(L, max(Lk, 0 if kr is None else kr.shape[1]))
     X = scipy.fft.rfft(x, n)  # (B, H, n//2+1) complex128
-    Kf = scipy.fft.rfft(k, n)  # (H, n//2+1) complex128
+    Kf = _spectrum(k, kr, n)  # (H, n//2+1) complex128
     z = scipy.fft.irfft(X * Kf, n)[..., :L]  # (B, H, L): conv before skip and gate
     if D is not None:
         z = z + D[:, None] * x
@@ -133,7 +160,12 @@ def fftconv_grads(u, k, dy, D=None, g_in=None, g_out=None):
         dx = dx + D[:, None] * dz
     dk = np.zeros((H, Lk_full))  # (H, Lk): taps beyond L get no gradient
     dk[:, :Lk] = scipy.fft.irfft(DZ * np.conj(X), n)[..., :Lk].sum(axis=0)
-    return {
+    extra = {}
+    if k_rev is not None:
+        dk_rev = np.zeros((H, np.shape(k_rev)[-1]))  # (H, Lk_rev)
+        dk_rev[:, : kr.shape[1]] = scipy.fft.irfft(np.conj(DZ) * X, n)[..., : kr.shape[1]].sum(axis=0)
+        extra["dk_rev"] = dk_rev
+    return {**extra,
         "du": dx if g_in is None else dx * g_in,
         "dk": dk,
         "dD": None if D is None else (dz * x).sum(axis=(0, 2)),

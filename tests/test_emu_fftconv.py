@@ -38,15 +38,20 @@ def from_io(a, dtype):
     return a.astype(np.float64)
 
 
-def spectrum(k, L, N):
-    """The kernel's K: FFT of k (truncated to L) in Monarch order, scaled per channel."""
-    K = np.fft.fft(k[:, :L], n=N)[:, monarch_perm(N)]
+def spectrum(k, L, N, k_rev=None):
+    """The kernel's K: FFT of k (truncated to L) in Monarch order, scaled per channel;
+    bidirectional: FFT(k) + conj(FFT(k_rev))."""
+    K = np.fft.fft(k[:, :L], n=N)
+    if k_rev is not None:
+        K = K + np.conj(np.fft.fft(k_rev[:, :L], n=N))
+    K = K[:, monarch_perm(N)]
     _, e = np.frexp(np.abs(K).max(axis=1))
     K = K * np.ldexp(1.0, -e)[:, None]
     return np.stack([K.real, K.imag], -1).astype(np.float32), e.astype(np.int32)
 
 
-def run_fwd(u, k, dtype, D=None, g_in=None, g_out=None, strided=False, variant="plain", num_sms=1):
+def run_fwd(u, k, dtype, D=None, g_in=None, g_out=None, strided=False, variant="plain", num_sms=1,
+            k_rev=None):
     """Run the emulated kernel; u etc. are float64 values already representable in dtype."""
     B, H, L = u.shape
     N = fused_fft_size(L)
@@ -63,7 +68,7 @@ def run_fwd(u, k, dtype, D=None, g_in=None, g_out=None, strided=False, variant="
             return a
         strides = {"u_sb": H * L, "u_sh": L, "u_st": 1}
         u_buf, off = u, 0
-    K, k_exp = spectrum(k, L, N)
+    K, k_exp = spectrum(k, L, N, k_rev)
     inputs = {"u": to_io(u_buf, dtype).reshape(-1)[off:], "K": K, "k_exp": k_exp}
     params = {"B": B, "H": H, "L": L, "N": N, "num_sms": num_sms, **strides}
     if D is not None:
@@ -176,15 +181,18 @@ def test_fwd_sanitizers(variant, dtype):
 BWD_CASE = {"f32": "fftconv_bwd_f32", "f16": "fftconv_bwd_f16", "bf16": "fftconv_bwd_bf16"}
 
 
-def run_bwd(u, k, dy, dtype, D=None, g_in=None, g_out=None, variant="plain", num_sms=1):
+def run_bwd(u, k, dy, dtype, D=None, g_in=None, g_out=None, variant="plain", num_sms=1,
+            k_rev=None):
     """Run the emulated backward kernel: dict of du, dk, dD, dg_in, dg_out (float64)."""
     B, H, L = u.shape
     N = fused_fft_size(L)
     lk = min(k.shape[1], L)
-    K, k_exp = spectrum(k, L, N)
+    K, k_exp = spectrum(k, L, N, k_rev)
     inputs = {"u": to_io(u, dtype).reshape(-1), "dy": to_io(dy, dtype), "K": K, "k_exp": k_exp}
     params = {"B": B, "H": H, "L": L, "N": N, "lk": lk, "num_sms": num_sms,
               "u_sb": H * L, "u_sh": L, "u_st": 1}
+    if k_rev is not None:
+        params["lk_rev"] = min(k_rev.shape[1], L)
     if D is not None:
         inputs["D"] = D.astype(np.float32)
         params["has_D"] = 1
@@ -197,18 +205,18 @@ def run_bwd(u, k, dy, dtype, D=None, g_in=None, g_out=None, variant="plain", num
             for key, v in out.items()}
 
 
-def check_grads(g, u, k, dy, D, gi, go, dtype, what):
+def check_grads(g, u, k, dy, D, gi, go, dtype, what, k_rev=None):
     from python_ref.conv import fftconv_grads
-    ref = fftconv_grads(u, k, dy, D, gi, go)
-    lk = min(k.shape[1], u.shape[-1])
+    ref = fftconv_grads(u, k, dy, D, gi, go, k_rev=k_rev)
+    L = u.shape[-1]
     errs = {}
     for key, val in g.items():
-        r = ref[key][:, :lk] if key == "dk" else ref[key]
+        r = ref[key][:, :min(ref[key].shape[1], L)] if key in ("dk", "dk_rev") else ref[key]
         assert np.isfinite(val).all(), "%s %s: non-finite or unwritten" % (what, key)
         err = rel_err(val, r)
         # io-dtype outputs: 2x their rounding floor; dk and dD are float32 accumulations.
         floor = rel_err(ROUND[dtype](r), r) if key in ("du", "dg_in", "dg_out") else 0.0
-        bound = 2 * floor + (BWD_F32_TERM[dtype] if key in ("dk", "dD") else 5e-7)
+        bound = 2 * floor + (BWD_F32_TERM[dtype] if key in ("dk", "dk_rev", "dD") else 5e-7)
         print("%s %s: rel err %.3g (floor %.3g, bound %.3g)" % (what, key, err, floor, bound))
         errs[key] = err
         assert err <= bound
@@ -230,6 +238,24 @@ def test_bwd(L, Lk, dtype):
     g = run_bwd(u, k, dy, dtype, D=D, g_in=gi, g_out=go)
     assert set(g) == {"du", "dk", "dD", "dg_in", "dg_out"}
     check_grads(g, u, k, dy, D, gi, go, dtype, "bwd L=%d Lk=%d %s" % (L, Lk, dtype))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+def test_bidirectional(dtype):
+    # LRA-style non-causal convolution: K = FFT(k) + conj(FFT(k_rev)), forward and backward.
+    rng = np.random.default_rng(12)
+    u, k, D, gi, go = make(rng, 3, 2, 150, dtype, gates=True)
+    k_rev = rng.standard_normal((2, 90)) / np.sqrt(90)
+    from python_ref.conv import fftconv as ref_conv
+    y = run_fwd(u, k, dtype, D=D, g_in=gi, g_out=go, k_rev=k_rev)
+    ref = ref_conv(u, k, D, gi, go, k_rev=k_rev)
+    err, floor = rel_err(y, ref), rel_err(ROUND[dtype](ref), ref)
+    print("bidirectional fwd %s: rel err %.3g (floor %.3g)" % (dtype, err, floor))
+    assert err <= 2 * floor + 5e-7
+    dy = ROUND[dtype](rng.standard_normal((3, 2, 150)))
+    g = run_bwd(u, k, dy, dtype, D=D, g_in=gi, g_out=go, k_rev=k_rev)
+    assert "dk_rev" in g
+    check_grads(g, u, k, dy, D, gi, go, dtype, "bidirectional bwd %s" % dtype, k_rev=k_rev)
 
 
 def test_bwd_no_gates_no_D_pairs_loop():

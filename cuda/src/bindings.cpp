@@ -132,12 +132,13 @@ void fftconv_fwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t y, uint
   });
 }
 
-// The fused backward kernel. dk (H, lk) and dD (H,) are float32 buffers the kernel adds
-// into (Python zeroes them); dg_in / dg_out / dD are 0 when not wanted.
+// The fused backward kernel. dk (H, lk), dD (H,) and dk_rev (H, lk_rev) are float32 buffers
+// the kernel adds into (Python zeroes them); dg_in / dg_out / dD / dk_rev are 0 when not
+// wanted (dk_rev: not a bidirectional convolution).
 void fftconv_bwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t dy, uintptr_t du,
                  uintptr_t dg_in, uintptr_t dg_out, uintptr_t K, uintptr_t k_exp, uintptr_t D,
-                 uintptr_t dk, uintptr_t dD, int64_t B, int64_t H, int64_t L, int64_t N,
-                 int64_t lk, Strides u_s, Strides gi_s, Strides go_s, Strides dy_s,
+                 uintptr_t dk, uintptr_t dD, uintptr_t dk_rev, int64_t B, int64_t H, int64_t L,
+                 int64_t N, int64_t lk, int64_t lk_rev, Strides u_s, Strides gi_s, Strides go_s, Strides dy_s,
                  Strides du_s, Strides dgi_s, Strides dgo_s, int dtype, int device,
                  uintptr_t stream) {
   flashconv::BwdParams p{};
@@ -148,7 +149,8 @@ void fftconv_bwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t dy, uin
   p.D = as_ptr<const float*>(D);
   p.dk = as_ptr<float*>(dk);
   p.dD = as_ptr<float*>(dD);
-  p.B = B, p.H = H, p.L = L, p.N = N, p.lk = lk;
+  p.dk_rev = as_ptr<float*>(dk_rev);
+  p.B = B, p.H = H, p.L = L, p.N = N, p.lk = lk, p.lk_rev = lk_rev;
   run_kernel("fftconv_bwd_kernel", dtype, N, device, [&](int sms) {
     return flashconv::fftconv_bwd(p, dtype, sms, as_ptr<cudaStream_t>(stream));
   });
@@ -173,8 +175,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("fftconv_bwd", &fftconv_bwd, "Fused block-FFT convolution backward (see ops.py).",
         py::arg("u"), py::arg("g_in"), py::arg("g_out"), py::arg("dy"), py::arg("du"),
         py::arg("dg_in"), py::arg("dg_out"), py::arg("K"), py::arg("k_exp"), py::arg("D"),
-        py::arg("dk"), py::arg("dD"), py::arg("B"), py::arg("H"), py::arg("L"), py::arg("N"),
-        py::arg("lk"), py::arg("u_strides"), py::arg("g_in_strides"), py::arg("g_out_strides"),
+        py::arg("dk"), py::arg("dD"), py::arg("dk_rev"), py::arg("B"), py::arg("H"), py::arg("L"),
+        py::arg("N"), py::arg("lk"), py::arg("lk_rev"), py::arg("u_strides"), py::arg("g_in_strides"), py::arg("g_out_strides"),
         py::arg("dy_strides"), py::arg("du_strides"), py::arg("dg_in_strides"),
         py::arg("dg_out_strides"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
   m.def("fftconv_fwd", &fftconv_fwd, "Fused block-FFT convolution forward (see ops.py).",

@@ -235,7 +235,8 @@ hw::Error fftconv_fwd(Io& io) {
 }
 
 // The fused backward kernel: inputs as fftconv_fwd plus dy (dense (B, H, L)) and lk; outputs
-// du, dk (H, lk), dD (H,) when has_D, dg_in and dg_out when has_gates.
+// du, dk (H, lk), dD (H,) when has_D, dg_in and dg_out when has_gates, dk_rev (H, lk_rev)
+// when lk_rev > 0 (K then holds the bidirectional spectrum).
 template <class T>
 hw::Error fftconv_bwd(Io& io) {
   flashconv::BwdParams p{};
@@ -262,6 +263,12 @@ hw::Error fftconv_bwd(Io& io) {
     auto& dD = io.out<float>("dD", {size_t(p.H)});
     std::fill(dD.data.begin(), dD.data.end(), 0.f);
     p.dD = dD.ptr();
+  }
+  p.lk_rev = param_or(io, "lk_rev", 0);
+  if (p.lk_rev) {
+    auto& dk_rev = io.out<float>("dk_rev", {size_t(p.H), size_t(p.lk_rev)});
+    std::fill(dk_rev.data.begin(), dk_rev.data.end(), 0.f);
+    p.dk_rev = dk_rev.ptr();
   }
   if (param_or(io, "has_gates", 0)) {
     gi = io.in<T>("g_in");

@@ -318,11 +318,12 @@ FC_DEVICE void block_fft_forward(S* buf, int64_t N, const Plan& plan, const Dft1
 
 // Inverse block FFT from Monarch order (unnormalised: times N and the stage gains). The last
 // stage hands (time index n, re, im) to `out` for n < N/2 only -- the discarded half of the
-// causal convolution is never produced. Each earlier epilogue applies the conjugate twiddle
-// the next (outer) inverse stage needs. Ends with a barrier.
+// causal convolution is never produced -- unless `full` (negative lags, n >= N/2, are wanted:
+// the anti-causal kernel's gradient). Each earlier epilogue applies the conjugate twiddle the
+// next (outer) inverse stage needs. Ends with a barrier.
 template <class S, class Out>
 FC_DEVICE void block_fft_inverse(S* buf, int64_t N, const Plan& plan, const Dft16Fragments& F,
-                                 int* overflow, const Out& out) {
+                                 int* overflow, const Out& out, bool full = false) {
   if (plan.r > 1) {  // X = conj(F_r) @ X; X = conj(tw of stage n16-1)
     stage_last(buf, N, plan.r, true, Gains<S>::last_scale(plan),
                StoreShared<S>{buf, stage_stride(N, plan.n16 - 1), true, overflow});
@@ -333,9 +334,9 @@ FC_DEVICE void block_fft_inverse(S* buf, int64_t N, const Plan& plan, const Dft1
             StoreShared<S>{buf, stage_stride(N, s - 1), true, overflow});
     hw::sync_block();
   }
-  const int64_t half = N / 2;
+  const int64_t limit = full ? N : N / 2;
   stage16(buf, N, stage_stride(N, 0), true, false, F, [&](int64_t n, float re, float im) {
-    if (n < half) out(n, re, im);
+    if (n < limit) out(n, re, im);
   });
   hw::sync_block();
 }

@@ -5,6 +5,8 @@
 //   du      = g_in dx,  dg_in = u dx,  dg_out = dy z
 //   dk[s]   = sum_b sum_t dz[b,t] x[b,t-s]         (Re IFFT(conj(X) DZ), summed over pairs)
 //   dD      = sum_b sum_t dz[b,t] x[b,t]
+//   dk_rev[s] = sum_b sum_t dz[b,t] x[b,t+s]        (the same IFFT at negative lags N - s)
+// (Bidirectional convolution needs nothing else: K already holds FFT(k) + conj(FFT(k_rev)).)
 //
 // One CTA per channel h loops over pairs of batch rows packed as one complex row, like the
 // forward (fftconv_fwd.h). With packed X = X1 + i X2 and DZ = DZ1 + i DZ2 (spectra of real
@@ -137,18 +139,24 @@ FC_GLOBAL void fftconv_bwd_kernel(BwdParams p) {
           }
         });
       }
-      // 6. the pair's dk contribution, kept as floats in B's slots until overflow is ruled out
-      // (two forward transforms, X and DZ, feed this one inverse: one more transform gain)
+      // 6. the pair's dk (and dk_rev) contribution, kept as floats in B's slots until
+      //    overflow is ruled out: lag s at slot s, lag -s at slot N - s. (Two forward
+      //    transforms, X and DZ, feed this one inverse: one more transform gain to undo.)
       const float undo_dk = ldexpf(1.f, ex + edz + trip + Gains<S>::transform_exp(plan));
+      const bool rev = p.dk_rev != nullptr;
       block_fft_inverse(Bf, N, plan, F, &overflow, [&](int64_t t, float re, float) {
-        if (t < p.lk) slot_float(Bf, t) = re * undo_dk;
-      });
+        if (t < p.lk || (rev && N - t < p.lk_rev)) slot_float(Bf, t) = re * undo_dk;
+      }, rev);
       // An overflowed fp16 store was clamped: redo the pair at a smaller scale (outputs are
       // rewritten; nothing has been added to dk yet).
       const bool any_overflow = block_reduce<false>(float(overflow), red) > 0.f;
       if (any_overflow && finite_in && attempt < 2) continue;
       for (int64_t t = hw::thread_idx(); t < p.lk; t += hw::block_dim())
         hw::atomic_add(p.dk + h * p.lk + t, slot_float(Bf, t));
+      if (rev) {
+        for (int64_t s = hw::thread_idx(); s < p.lk_rev; s += hw::block_dim())
+          hw::atomic_add(p.dk_rev + h * p.lk_rev + s, slot_float(Bf, s ? N - s : 0));
+      }
       hw::sync_block();  // B is rewritten by the next pair
       break;
     }
@@ -163,7 +171,7 @@ FC_GLOBAL void fftconv_bwd_kernel(BwdParams p) {
 template <class T>
 hw::Error fftconv_bwd_launch(const BwdParams& p, int num_sms, hw::Stream stream) {
   if (p.N < 32 || p.N > kMaxFusedBwdN<T> || (p.N & (p.N - 1)) || 2 * p.L > p.N || p.lk > p.L ||
-      p.H > 0x7fffffff)
+      p.lk_rev > p.L || (p.lk_rev > 0 && !p.dk_rev) || p.H > 0x7fffffff)
     return hw::ErrorInvalidValue;
   if (p.B == 0 || p.H == 0 || p.L == 0) return hw::Success;
   return hw::launch(fftconv_bwd_kernel<T>, pair_grid(p.B, p.H, num_sms), kThreads,

@@ -47,7 +47,10 @@ struct BwdParams {
   const float* D;  // (H,) or null
   float* dk;       // (H, lk) float32, accumulated (+=): zero it first
   float* dD;       // (H,) float32, accumulated (+=), or null
-  int64_t B, H, L, N, lk;
+  // Bidirectional convolution: the anti-causal kernel's gradient (H, lk_rev), accumulated,
+  // or null. (Its spectrum is already part of spec: K = FFT(k) + conj(FFT(k_rev)).)
+  float* dk_rev;
+  int64_t B, H, L, N, lk, lk_rev;
 };
 
 }  // namespace flashconv
