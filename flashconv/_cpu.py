@@ -67,20 +67,25 @@ def kernel_spectrum(k, L, n, dtype):
     return sfft.rfft(k, n=n, axis=-1)
 
 
-def _pad_buffer(rows, n, dtype):
-    """A per-thread (rows, n) buffer, reused across calls; the caller fills all of it."""
-    key = (rows, n, np.dtype(dtype).str)
+def _pad_buffer(shape, dtype):
+    """A per-thread buffer of `shape`, reused across calls; the caller fills all of it."""
+    key = (shape, np.dtype(dtype).str)
     buf = getattr(_tls, "buffers", {}).get(key)
     if buf is None:
-        _tls.buffers = {key: np.empty((rows, n), dtype)}  # keep one: bounded memory
+        _tls.buffers = {key: np.empty(shape, dtype)}  # keep one: bounded memory
         buf = _tls.buffers[key]
     return buf
 
 
 def _chunks(B, H, n, itemsize):
-    """(b, h0, h1) work items whose padded buffers hold about _CHUNK_BYTES."""
-    hc = max(1, min(H, _CHUNK_BYTES // max(1, n * itemsize)))
-    return [(b, h0, min(H, h0 + hc)) for b in range(B) for h0 in range(0, H, hc)]
+    """Work items (b0, b1, h0, h1) whose padded buffers hold about _CHUNK_BYTES: several
+    whole batch rows when a row of H channels is small, else a range of channels of one."""
+    row = n * itemsize
+    if H * row <= _CHUNK_BYTES:
+        bc = max(1, _CHUNK_BYTES // (H * row))
+        return [(b, min(B, b + bc), 0, H) for b in range(0, B, bc)]
+    hc = max(1, _CHUNK_BYTES // row)
+    return [(b, b + 1, h0, min(H, h0 + hc)) for b in range(B) for h0 in range(0, H, hc)]
 
 
 def _run(items, fn, total_elems):
@@ -92,13 +97,13 @@ def _run(items, fn, total_elems):
 
 
 def _rfft_padded(src, L, n, dtype, scale=None):
-    """rfft of rows `src` (rows, L) (times `scale` if given) zero-padded to n."""
-    buf = _pad_buffer(src.shape[0], n, dtype)
+    """rfft along the last axis of `src` (..., L) (times `scale` if given) zero-padded to n."""
+    buf = _pad_buffer(src.shape[:-1] + (n,), dtype)
     if scale is None:
-        buf[:, :L] = src
+        buf[..., :L] = src
     else:
-        np.multiply(src, scale, out=buf[:, :L])
-    buf[:, L:] = 0
+        np.multiply(src, scale, out=buf[..., :L])
+    buf[..., L:] = 0
     return sfft.rfft(buf, axis=-1)
 
 
@@ -111,21 +116,22 @@ def conv_forward(u, K, n, D=None, g_in=None, g_out=None, dtype=np.float32):
     out = np.empty((B, H, L), dtype)
 
     def work(item):
-        b, h0, h1 = item
-        gi = None if g_in is None else g_in[b, h0:h1]
-        X = _rfft_padded(u[b, h0:h1], L, n, dtype, gi)
+        b0, b1, h0, h1 = item
+        sl = (slice(b0, b1), slice(h0, h1))
+        gi = None if g_in is None else g_in[sl]
+        X = _rfft_padded(u[sl], L, n, dtype, gi)
         X *= K[h0:h1]
-        z = sfft.irfft(X, n=n, axis=-1, overwrite_x=True)[:, :L]
-        o = out[b, h0:h1]
+        z = sfft.irfft(X, n=n, axis=-1, overwrite_x=True)[..., :L]
+        o = out[sl]
         if D is not None:
             # D * x with x = g_in * u, recomputed rather than stored (one more read of u).
-            x = u[b, h0:h1] if gi is None else u[b, h0:h1] * gi
+            x = u[sl] if gi is None else u[sl] * gi
             np.multiply(x, D[h0:h1, None], out=o)
             o += z
         else:
             o[...] = z
         if g_out is not None:
-            o *= g_out[b, h0:h1]
+            o *= g_out[sl]
 
     _run(_chunks(B, H, n, np.dtype(dtype).itemsize), work, B * H * L)
     return out
@@ -146,14 +152,12 @@ def conv_backward(dy, u, K, n, lk, D=None, g_in=None, g_out=None, dtype=np.float
     accs = {}  # thread id -> (H, n//2+1) partial sum over batch rows of conj(X) DZ
 
     def work(item):
-        b, h0, h1 = item
-        uu = u[b, h0:h1]
-        x = uu if g_in is None else uu * g_in[b, h0:h1]
-        dyb = dy[b, h0:h1]
-        if g_out is not None:
-            dz = dyb * g_out[b, h0:h1]
-        else:
-            dz = dyb
+        b0, b1, h0, h1 = item
+        sl = (slice(b0, b1), slice(h0, h1))
+        uu = u[sl]
+        x = uu if g_in is None else uu * g_in[sl]
+        dyb = dy[sl]
+        dz = dyb if g_out is None else dyb * g_out[sl]
         DZ = _rfft_padded(dz, L, n, dtype)
         if need_k:
             X = _rfft_padded(x, L, n, dtype)
@@ -163,27 +167,27 @@ def conv_backward(dy, u, K, n, lk, D=None, g_in=None, g_out=None, dtype=np.float
                                       np.zeros((H, n // 2 + 1), DZ.dtype))
             np.conjugate(X, out=X)
             X *= DZ
-            acc[h0:h1] += X
+            acc[h0:h1] += X.sum(axis=0)
         if dg_out is not None:
             # dg_out = dy * z, z = conv(x, k) + D x: one more inverse FFT of X K.
             Xf = _rfft_padded(x, L, n, dtype)
             Xf *= K[h0:h1]
-            z = sfft.irfft(Xf, n=n, axis=-1, overwrite_x=True)[:, :L]
+            z = sfft.irfft(Xf, n=n, axis=-1, overwrite_x=True)[..., :L]
             if D is not None:
                 z = z + x * D[h0:h1, None]
-            np.multiply(dyb, z, out=dg_out[b, h0:h1])
+            np.multiply(dyb, z, out=dg_out[sl])
         DZ *= Kc[h0:h1]
-        dx = sfft.irfft(DZ, n=n, axis=-1, overwrite_x=True)[:, :L]
+        dx = sfft.irfft(DZ, n=n, axis=-1, overwrite_x=True)[..., :L]
         if D is not None:
             dx += dz * D[h0:h1, None]
             if dD_rows is not None:
-                dD_rows[b, h0:h1] = np.einsum("ht,ht->h", dz, x, dtype=np.float64)
+                dD_rows[sl] = np.einsum("bht,bht->bh", dz, x, dtype=np.float64)
         if dg_in is not None:
-            np.multiply(dx, uu, out=dg_in[b, h0:h1])
+            np.multiply(dx, uu, out=dg_in[sl])
         if g_in is not None:
-            np.multiply(dx, g_in[b, h0:h1], out=du[b, h0:h1])
+            np.multiply(dx, g_in[sl], out=du[sl])
         else:
-            du[b, h0:h1] = dx
+            du[sl] = dx
 
     _run(_chunks(B, H, n, np.dtype(dtype).itemsize), work, B * H * L)
     dk = None
