@@ -7,9 +7,9 @@ on-chip memory. The public entry point is :func:`fftconv`; ``python -m flashconv
 which backends are available on this machine.
 """
 from flashconv._version import __version__
-from flashconv.ops import KernelSpectrum, fft_kernel, fftconv
+from flashconv.ops import KernelSpectrum, fft_kernel, fftconv, fftconv_backward
 
-__all__ = ["__version__", "fftconv", "fft_kernel", "KernelSpectrum", "info"]
+__all__ = ["__version__", "fftconv", "fftconv_backward", "fft_kernel", "KernelSpectrum", "info"]
 
 
 def info():

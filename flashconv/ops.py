@@ -7,18 +7,45 @@ Dispatch, by the type and device of `u`:
 
 =====================  =====================================================
 numpy.ndarray          the CPU engine (scipy.fft, flashconv/_cpu.py)
-torch.Tensor on CPU    the CPU engine through zero-copy numpy views, with a
-                       torch.autograd.Function for gradients
-torch.Tensor on CUDA   the fused block-FFT kernel (flashconv._C) for float32,
-                       float16 and bfloat16 where its FFT size fits on chip
-                       (bfloat16 L <= 16K, float32/float16 L <= 8K), else torch.fft. Gradients:
-                       torch.fft (the backward kernel has not landed yet).
+torch.Tensor           the torch operator ``torch.ops.flashconv.fftconv`` (below), which
+                       dispatches by device in _forward_impl / _backward_impl:
+  on CPU               the CPU engine through zero-copy numpy views (forward and backward)
+  on CUDA              the fused block-FFT kernel (flashconv._C) for float32, float16 and
+                       bfloat16 where its FFT size fits on chip (bfloat16 L <= 16K,
+                       float32/float16 L <= 8K), else torch.fft. Backward: torch.fft
+                       (the backward kernel has not landed yet).
+  elsewhere            torch.fft, forward and backward
+anything else with     (CuPy, JAX, ...) seen as torch tensors through torch.from_dlpack,
+__dlpack__ and         zero-copy, on the caller's current CuPy stream; the result is
+__dlpack_device__      handed back as the caller's array type (its from_dlpack)
 =====================  =====================================================
+
+The torch operator is registered with torch.library (custom_op + register_fake +
+register_autograd), so ``torch.compile(fullgraph=True)`` traces through ``fftconv`` and
+keeps the convolution as one opaque node; gradients come from a second operator,
+``flashconv::fftconv_bwd``, that returns the five input gradients at once::
+
+    flashconv::fftconv(Tensor u, Tensor k, Tensor? D=None, Tensor? g_in=None,
+                       Tensor? g_out=None, Tensor? k_exponent=None, SymInt n=0) -> Tensor
+    flashconv::fftconv_bwd(Tensor dy, Tensor u, Tensor k, Tensor? D=None, Tensor? g_in=None,
+                           Tensor? g_out=None, Tensor? k_exponent=None, SymInt n=0,
+                           bool[]? output_mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)
+
+`k` is either the real (H, Lk) kernel (n = 0) or the complex spectrum of a KernelSpectrum
+(n = its FFT size; k_exponent its per-channel scale when the spectrum is in the fused
+kernel's Monarch order, None for a natural-order rfft spectrum). fftconv_bwd returns
+(du, dk, dD, dg_in, dg_out); an entry whose input is absent (None), is a spectrum (dk), or
+is masked out by output_mask (None: every present input) is an empty (0,) tensor of u's
+dtype, every other entry has its input's shape and dtype. The op pair is first order:
+double backward through it is not supported.
 
 torch is optional: numpy users never import it.
 """
+import contextlib
 import numbers
+import sys
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -30,10 +57,11 @@ try:
 except ImportError:  # numpy-only installs
     torch = None
 
-__all__ = ["fftconv", "fft_kernel", "KernelSpectrum"]
+__all__ = ["fftconv", "fftconv_backward", "fft_kernel", "KernelSpectrum"]
 
 _TORCH_FLOATS = () if torch is None else (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NUMPY_FLOATS = (np.float16, np.float32, np.float64)
+_GRAD_KEYS = ("du", "dk", "dD", "dg_in", "dg_out")
 
 
 def _is_torch(x):
@@ -48,18 +76,23 @@ def _kind(x):
     return None
 
 
+def _is_dlpack(x):
+    """A foreign array (CuPy, JAX, ...): DLPack producer that is neither torch nor numpy."""
+    return _kind(x) is None and hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")
+
+
 def _type_name(x):
     return type(x).__module__ + "." + type(x).__qualname__
 
 
-def _check_dtype(name, x, kind):
+def _check_dtype(name, x, kind, who="fftconv"):
     if kind == "torch":
         if x.dtype not in _TORCH_FLOATS:
-            raise TypeError("fftconv: %s must be a real floating tensor (float32, float16, bfloat16 "
-                            "or float64), got %s" % (name, x.dtype))
+            raise TypeError("%s: %s must be a real floating tensor (float32, float16, bfloat16 "
+                            "or float64), got %s" % (who, name, x.dtype))
     elif x.dtype.type not in _NUMPY_FLOATS:
-        raise TypeError("fftconv: %s must be a real floating array (float32, float16 or float64), "
-                        "got %s" % (name, x.dtype))
+        raise TypeError("%s: %s must be a real floating array (float32, float16 or float64), "
+                        "got %s" % (who, name, x.dtype))
 
 
 def _shape(x):
@@ -73,6 +106,8 @@ class KernelSpectrum:
     Holds the FFT of k (truncated to L taps and zero-padded to the FFT size `n`) in the
     layout the engine for `device` wants. A layer that calls fftconv with the same k at
     every step computes this once; gradients do not flow into a precomputed spectrum.
+    With torch tensors it goes through the flashconv::fftconv operator as its tensors
+    (spectrum, exponent) and its FFT size n, so it works under torch.compile too.
     """
 
     spectrum: object  # layout "rfft": (H, n//2 + 1) complex; "monarch": (H, n) complex64
@@ -104,8 +139,13 @@ def fft_kernel(k, L, *, dtype=None):
 
     The result can be passed to fftconv() in place of k; it is valid only for inputs of
     length L on the same device and with the same compute dtype (float32, or float64
-    when `dtype` is float64 / k is float64 and dtype is None).
+    when `dtype` is float64 / k is float64 and dtype is None). A DLPack array (CuPy, ...)
+    k gives a torch-kind spectrum, computed on the caller's current stream, that fftconv
+    accepts with u of the same array type.
     """
+    if _is_dlpack(k):
+        with _caller_stream(k):
+            return fft_kernel(_to_torch("fft_kernel", "k", k, k), L, dtype=dtype)
     kind = _kind(k)
     if kind is None:
         raise TypeError("fft_kernel: k must be a torch.Tensor or numpy.ndarray, got %s" % _type_name(k))
@@ -125,7 +165,7 @@ def fft_kernel(k, L, *, dtype=None):
             spec, exp = _monarch_spectrum(k, lk, n)
             return KernelSpectrum(spec, L, lk, n, dname, kind, str(k.device), "monarch", exp)
         n = _cuda_fft_size(L, lk)
-        spec = torch.fft.rfft(k[:, :lk].to(torch.float64), n=n)
+        spec = torch.fft.rfft(k[:, :lk].detach().to(torch.float64), n=n)
         return KernelSpectrum(spec, L, lk, n, dname, kind, str(k.device))
     n = _cpu.fft_size(L, lk)
     kn = _np_view(k, getattr(torch, dname)) if kind == "torch" else k
@@ -139,75 +179,89 @@ def _monarch_spectrum(k, lk, n):
     """The fused kernel's K: FFT of k[:, :lk] zero-padded to n, in Monarch order, as
     (H, n) complex64 scaled per channel by 2^-e with max |K| < 2^e, and e as (H,) int32."""
     spec = torch.fft.fft(k[:, :lk].detach().to(torch.float64), n=n)
-    perm = torch.from_numpy(monarch_perm(n)).to(spec.device)
+    perm = torch.tensor(monarch_perm(n), device=spec.device)  # a copy: the cached plan is read-only
     spec = spec.index_select(1, perm)
     _, e = torch.frexp(spec.abs().amax(dim=1))  # amax = m * 2^e, 0.5 <= m < 1 (e = 0 for 0)
     spec = torch.ldexp(spec, (-e).unsqueeze(1).to(torch.float64))
     return spec.to(torch.complex64).contiguous(), e.to(torch.int32).contiguous()
 
 
-def _natural_rfft(ks):
-    """(H, n//2 + 1) spectrum of a KernelSpectrum in natural order (for the torch.fft path)."""
-    if ks.layout == "rfft":
-        return ks.spectrum
-    spec = torch.empty_like(ks.spectrum)
-    perm = torch.from_numpy(monarch_perm(ks.n)).to(spec.device)
-    spec[:, perm] = ks.spectrum
-    spec = torch.ldexp(spec, ks.exponent.unsqueeze(1).to(torch.float32))
-    return spec[:, : ks.n // 2 + 1]
+def _natural_spectrum(spec, exponent, n):
+    """(H, n//2 + 1) natural-order rfft spectrum from a KernelSpectrum's tensors: `spec`
+    itself for layout "rfft" (exponent None), else unpermuted and unscaled from Monarch order."""
+    if exponent is None:
+        return spec
+    nat = torch.empty_like(spec)
+    perm = torch.tensor(monarch_perm(n), device=spec.device)  # a copy: the cached plan is read-only
+    nat[:, perm] = spec
+    nat = torch.ldexp(nat, exponent.unsqueeze(1).to(torch.float32))
+    return nat[:, : n // 2 + 1]
 
 
-def _validate(u, k, D, g_in, g_out):
+def _validate(u, k, D, g_in, g_out, who="fftconv"):
     """Check shapes, dtypes, array kinds and devices; raise TypeError/ValueError naming the argument."""
     kind = _kind(u)
     if kind is None:
-        raise TypeError("fftconv: u must be a torch.Tensor or numpy.ndarray of shape (B, H, L), "
-                        "got %s" % _type_name(u))
+        raise TypeError("%s: u must be a torch.Tensor or numpy.ndarray of shape (B, H, L), "
+                        "got %s" % (who, _type_name(u)))
     if u.ndim != 3:
-        raise ValueError("fftconv: u must have shape (B, H, L), got shape %s" % (_shape(u),))
-    _check_dtype("u", u, kind)
+        raise ValueError("%s: u must have shape (B, H, L), got shape %s" % (who, _shape(u),))
+    _check_dtype("u", u, kind, who)
     B, H, L = _shape(u)
     if isinstance(k, KernelSpectrum):
         if k.kind != kind:
-            raise TypeError("fftconv: k was prepared by fft_kernel() for %s arrays but u is a %s "
-                            "array" % (k.kind, kind))
+            raise TypeError("%s: k was prepared by fft_kernel() for %s arrays but u is a %s "
+                            "array" % (who, k.kind, kind))
         if k.L != L:
-            raise ValueError("fftconv: k was prepared by fft_kernel() for L = %d but u has L = %d"
-                             % (k.L, L))
+            raise ValueError("%s: k was prepared by fft_kernel() for L = %d but u has L = %d"
+                             % (who, k.L, L))
         if k.H != H:
-            raise ValueError("fftconv: k was prepared for H = %d channels but u has H = %d" % (k.H, H))
+            raise ValueError("%s: k was prepared for H = %d channels but u has H = %d"
+                             % (who, k.H, H))
         if k.dtype != _compute_dtype_name(u):
-            raise TypeError("fftconv: k was prepared in %s but u (%s) computes in %s"
-                            % (k.dtype, u.dtype, _compute_dtype_name(u)))
+            raise TypeError("%s: k was prepared in %s but u (%s) computes in %s"
+                            % (who, k.dtype, u.dtype, _compute_dtype_name(u)))
     else:
         if _kind(k) != kind:
-            raise TypeError("fftconv: k must be a %s like u, got %s" % (
-                "torch.Tensor" if kind == "torch" else "numpy.ndarray", _type_name(k)))
+            raise TypeError("%s: k must be a %s like u, got %s" % (
+                who, "torch.Tensor" if kind == "torch" else "numpy.ndarray", _type_name(k)))
         if k.ndim != 2 or int(k.shape[0]) != H:
-            raise ValueError("fftconv: k must have shape (H, Lk) = (%d, Lk), got shape %s"
-                             % (H, _shape(k)))
-        _check_dtype("k", k, kind)
+            raise ValueError("%s: k must have shape (H, Lk) = (%d, Lk), got shape %s"
+                             % (who, H, _shape(k)))
+        _check_dtype("k", k, kind, who)
     for name, arr, want in (("D", D, (H,)), ("g_in", g_in, (B, H, L)), ("g_out", g_out, (B, H, L))):
         if arr is None:
             continue
         if _kind(arr) != kind:
-            raise TypeError("fftconv: %s must be a %s like u, got %s" % (
-                name, "torch.Tensor" if kind == "torch" else "numpy.ndarray", _type_name(arr)))
+            raise TypeError("%s: %s must be a %s like u, got %s" % (
+                who, name, "torch.Tensor" if kind == "torch" else "numpy.ndarray", _type_name(arr)))
         if _shape(arr) != want:
-            raise ValueError("fftconv: %s must have shape %s, got shape %s"
-                             % (name, want, _shape(arr)))
-        _check_dtype(name, arr, kind)
+            raise ValueError("%s: %s must have shape %s, got shape %s"
+                             % (who, name, want, _shape(arr)))
+        _check_dtype(name, arr, kind, who)
     if kind == "torch":
         dev = u.device
         others = [("k", k)] if not isinstance(k, KernelSpectrum) else []
         others += [(n_, a) for n_, a in (("D", D), ("g_in", g_in), ("g_out", g_out)) if a is not None]
         for name, arr in others:
             if arr.device != dev:
-                raise ValueError("fftconv: %s is on %s but u is on %s; all inputs must be on one "
-                                 "device" % (name, arr.device, dev))
+                raise ValueError("%s: %s is on %s but u is on %s; all inputs must be on one "
+                                 "device" % (who, name, arr.device, dev))
         if isinstance(k, KernelSpectrum) and k.device != str(dev):
-            raise ValueError("fftconv: k was prepared on %s but u is on %s" % (k.device, dev))
+            raise ValueError("%s: k was prepared on %s but u is on %s" % (who, k.device, dev))
     return kind
+
+
+def _validate_dy(dy, u, kind, who):
+    if _kind(dy) != kind:
+        raise TypeError("%s: dy must be a %s like u, got %s" % (
+            who, "torch.Tensor" if kind == "torch" else "numpy.ndarray", _type_name(dy)))
+    if _shape(dy) != _shape(u):
+        raise ValueError("%s: dy must have u's shape %s, got shape %s" % (who, _shape(u), _shape(dy)))
+    _check_dtype("dy", dy, kind, who)
+    if kind == "torch" and dy.device != u.device:
+        raise ValueError("%s: dy is on %s but u is on %s; all inputs must be on one device"
+                         % (who, dy.device, u.device))
 
 
 def fftconv(u, k, D=None, *, g_in=None, g_out=None):
@@ -218,29 +272,67 @@ def fftconv(u, k, D=None, *, g_in=None, g_out=None):
 
     Args:
         u: (B, H, L) torch.Tensor (float32, float16, bfloat16 or float64; CPU or CUDA)
-            or numpy.ndarray (float32, float16 or float64). Any strides.
+            or numpy.ndarray (float32, float16 or float64), or any other array with
+            ``__dlpack__`` and ``__dlpack_device__`` (CuPy, ...). Any strides.
         k: (H, Lk) kernel in the time domain, any real float dtype: Lk < L is zero-extended,
             Lk > L truncated to L taps. Or a KernelSpectrum from fft_kernel(k, L).
         D: optional (H,) skip term.
         g_in, g_out: optional (B, H, L) gates applied before and after the convolution.
+        k, D and the gates are arrays of the same type as u (and on its device).
 
     Returns:
         y (B, H, L) of u's dtype and array type. float16/bfloat16 inputs are computed in
         float32, float64 in float64. Torch tensors are differentiable with respect to u, k,
         D and the gates (not through a precomputed KernelSpectrum).
 
+    Dispatch: numpy arrays run the scipy CPU engine directly. Torch tensors go through the
+    registered operator ``torch.ops.flashconv.fftconv`` (gradients through
+    ``flashconv::fftconv_bwd``), which picks the engine by device: the scipy engine on
+    CPU, the fused CUDA kernel (or torch.fft where it does not apply) on CUDA. The operator
+    has a fake (meta) implementation and an autograd formula, so
+    ``torch.compile(fullgraph=True)`` traces through this function with torch inputs.
+    Other DLPack arrays (CuPy) are seen as torch tensors with ``torch.from_dlpack``
+    (zero-copy), computed on the caller's current CuPy stream, and returned through the
+    caller's ``from_dlpack`` (``cupy.from_dlpack`` for CuPy; a torch tensor where the
+    caller's library has none). They carry no autograd: use fftconv_backward().
+
     Raises:
         TypeError: non-floating or complex dtypes, mixed array types.
         ValueError: wrong shapes, mixed devices, a KernelSpectrum for another L or H.
     """
+    if _is_dlpack(u):
+        return _fftconv_dlpack(u, k, D, g_in, g_out)
     kind = _validate(u, k, D, g_in, g_out)
     if kind == "numpy":
         return _fftconv_numpy(u, k, D, g_in, g_out)
-    if u.is_cuda:
-        if _fused_ok(u, k):
-            return _FFTConvCUDA.apply(u, k, D, g_in, g_out)
-        return _fftconv_torch_fft(u, k, D, g_in, g_out)
-    return _FFTConvCPU.apply(u, k, D, g_in, g_out)
+    k, k_exponent, n = _op_kernel(k)
+    return _fftconv_op(u, k, D, g_in, g_out, k_exponent, n)
+
+
+def fftconv_backward(dy, u, k, D=None, g_in=None, g_out=None):
+    """Gradients of ``y = fftconv(u, k, D, g_in=g_in, g_out=g_out)`` for an upstream dy.
+
+    The functional backward, for array types without autograd (numpy, CuPy and other
+    DLPack arrays) and for torch tensors outside autograd. dy has u's shape and array
+    type; the other arguments are those of the forward call.
+
+    Returns:
+        dict with keys "du", "dk", "dD", "dg_in", "dg_out" (the keys of
+        python_ref.conv.fftconv_grads): each gradient has its input's shape, dtype and
+        array type; None where the input is None, and "dk" is None when k is a
+        KernelSpectrum. dk is zero for taps >= L.
+
+    Numpy arrays use the CPU engine's conv_backward; torch tensors call the operator
+    ``torch.ops.flashconv.fftconv_bwd`` (not differentiable again); DLPack arrays run it
+    zero-copy on the caller's current CuPy stream, as fftconv() does.
+    """
+    if _is_dlpack(u):
+        return _backward_dlpack(dy, u, k, D, g_in, g_out)
+    kind = _validate(u, k, D, g_in, g_out, who="fftconv_backward")
+    _validate_dy(dy, u, kind, "fftconv_backward")
+    if kind == "numpy":
+        return _backward_numpy(dy, u, k, D, g_in, g_out)
+    return _backward_torch(dy, u, k, D, g_in, g_out)
 
 
 def _fftconv_numpy(u, k, D, g_in, g_out):
@@ -258,6 +350,34 @@ def _fftconv_numpy(u, k, D, g_in, g_out):
     return y.astype(u.dtype, copy=False)
 
 
+def _backward_numpy(dy, u, k, D, g_in, g_out):
+    dtype = np.float64 if u.dtype == np.float64 else np.float32
+    B, H, L = u.shape
+    spectrum = isinstance(k, KernelSpectrum)
+    if spectrum:
+        K, n, lk = k.spectrum, k.n, k.lk
+    else:
+        lk = min(k.shape[1], L)
+        n = _cpu.fft_size(L, lk)
+        K = _cpu.kernel_spectrum(k, L, n, dtype) if B * H * L else None
+    if B * H * L == 0:
+        g = {"du": np.zeros(u.shape, dtype), "dk": np.zeros((H, lk), dtype),
+             "dD": np.zeros((H,), dtype), "dg_in": np.zeros(u.shape, dtype),
+             "dg_out": np.zeros(u.shape, dtype)}
+    else:
+        g = _cpu.conv_backward(dy, u, K, n, lk, D, g_in, g_out, dtype,
+                               need_k=not spectrum, need_D=D is not None, need_gates=True)
+    out = dict.fromkeys(_GRAD_KEYS)
+    out["du"] = g["du"].astype(u.dtype, copy=False)
+    if not spectrum:
+        out["dk"] = np.zeros(k.shape, k.dtype)  # taps >= L get no gradient
+        out["dk"][:, :lk] = g["dk"]
+    for key, arr in (("dD", D), ("dg_in", g_in), ("dg_out", g_out)):
+        if arr is not None:
+            out[key] = g[key].astype(arr.dtype, copy=False)
+    return out
+
+
 def _np_view(t, dtype):
     """A numpy view of a CPU tensor (no copy unless t needs a dtype conversion)."""
     if t is None:
@@ -268,84 +388,331 @@ def _np_view(t, dtype):
     return t.numpy()
 
 
-if torch is not None:
-
-    class _FFTConvCPU(torch.autograd.Function):
-        """The CPU engine behind autograd: forward and backward both through scipy.fft."""
-
-        @staticmethod
-        def forward(ctx, u, k, D, g_in, g_out):
-            cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
-            B, H, L = u.shape
-            if isinstance(k, KernelSpectrum):
-                K, n, lk = k.spectrum.numpy(), k.n, k.lk
-                ctx.k_shape = None
-            else:
-                lk = min(int(k.shape[1]), L)
-                n = _cpu.fft_size(L, lk)
-                ctx.k_shape = (tuple(k.shape), k.dtype)
-                K = _cpu.kernel_spectrum(_np_view(k, cdt), L, n, _np_dtype(cdt)) if B * H * L else None
-            ctx.meta = (n, lk, cdt, [a is not None for a in (D, g_in, g_out)])
-            ctx.K = K
-            ctx.save_for_backward(u, D, g_in, g_out)
-            if B * H * L == 0:
-                return torch.zeros_like(u)
-            y = _cpu.conv_forward(_np_view(u, cdt), K, n, _np_view(D, cdt), _np_view(g_in, cdt),
-                                  _np_view(g_out, cdt), _np_dtype(cdt))
-            return torch.from_numpy(y).to(u.dtype)
-
-        @staticmethod
-        def backward(ctx, dy):
-            u, D, g_in, g_out = ctx.saved_tensors
-            n, lk, cdt, _ = ctx.meta
-            B, H, L = u.shape
-            need_u, need_k, need_D, need_gi, need_go = ctx.needs_input_grad
-            need_k = need_k and ctx.k_shape is not None
-            if B * H * L == 0:
-                def zero(t, need):
-                    return torch.zeros_like(t) if need else None
-                return (zero(u, need_u),
-                        torch.zeros(ctx.k_shape[0], dtype=ctx.k_shape[1]) if need_k else None,
-                        zero(D, need_D), zero(g_in, need_gi), zero(g_out, need_go))
-            g = _cpu.conv_backward(
-                _np_view(dy, cdt), _np_view(u, cdt), ctx.K, n, lk, _np_view(D, cdt),
-                _np_view(g_in, cdt), _np_view(g_out, cdt), _np_dtype(cdt),
-                need_k=need_k, need_D=need_D, need_gates=need_gi or need_go)
-            du = torch.from_numpy(g["du"]).to(u.dtype) if need_u else None
-            dk = None
-            if need_k:
-                shape, kdt = ctx.k_shape
-                dk = torch.zeros(shape, dtype=kdt)
-                dk[:, :lk] = torch.from_numpy(g["dk"]).to(kdt)
-            dD = torch.from_numpy(g["dD"]).to(D.dtype) if need_D else None
-            dgi = torch.from_numpy(g["dg_in"]).to(g_in.dtype) if need_gi else None
-            dgo = torch.from_numpy(g["dg_out"]).to(g_out.dtype) if need_go else None
-            return du, dk, dD, dgi, dgo
-
-
 def _np_dtype(torch_dtype):
     return np.float64 if torch_dtype == torch.float64 else np.float32
 
 
-def _fftconv_torch_fft(u, k, D, g_in, g_out):
-    """torch.fft path (CUDA until the fused kernel lands): float32 compute, autograd native."""
-    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+# --- DLPack interop (CuPy and other array libraries) -------------------------------------
+
+_DL_CUDA, _DL_ROCM = 2, 10  # DLDeviceType codes of __dlpack_device__()
+
+
+def _library(x):
+    """Top-level module of x's type: "cupy", "jax", ..."""
+    return type(x).__module__.partition(".")[0]
+
+
+def _caller_stream(x):
+    """Context making the caller's current stream torch's current stream (CUDA arrays).
+
+    For CuPy that is cupy.cuda.get_current_stream() on x's device, wrapped as a
+    torch.cuda.ExternalStream; torch.from_dlpack then passes that same stream to
+    __dlpack__, so the producer needs no synchronisation, and the result is ready in
+    stream order for the caller. Other libraries keep torch's current stream (the DLPack
+    stream argument still orders the hand-over).
+    """
+    stack = contextlib.ExitStack()
+    dev_type, dev_id = (int(v) for v in x.__dlpack_device__())
+    if dev_type not in (_DL_CUDA, _DL_ROCM) or torch is None or not torch.cuda.is_available():
+        return stack
+    device = torch.device("cuda", dev_id)
+    stack.enter_context(torch.cuda.device(device))
+    if _library(x) == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(dev_id):
+            ptr = cupy.cuda.get_current_stream().ptr
+        stream = (torch.cuda.default_stream(device) if ptr == 0
+                  else torch.cuda.ExternalStream(ptr, device=device))
+        stack.enter_context(torch.cuda.stream(stream))
+    return stack
+
+
+def _to_torch(who, name, x, like):
+    """torch.from_dlpack(x) (zero-copy) for an array of the same library as `like`."""
+    if x is None:
+        return None
+    if not _is_dlpack(x) or _library(x) != _library(like):
+        raise TypeError("%s: %s must be a %s array like u (%s), got %s"
+                        % (who, name, _library(like), _type_name(like), _type_name(x)))
+    if torch is None:
+        raise TypeError("%s: %s is a %s array: flashconv needs torch to read it "
+                        "(torch.from_dlpack)" % (who, name, _type_name(x)))
+    try:
+        return torch.from_dlpack(x)
+    except Exception as exc:  # unsupported dtype or device, a producer error
+        raise TypeError("%s: %s (%s) could not be read with torch.from_dlpack: %s"
+                        % (who, name, _type_name(x), exc)) from exc
+
+
+def _to_caller(y, like):
+    """y as `like`'s array type, zero-copy (its library's from_dlpack); y if none exists."""
+    if y is None:
+        return None
+    namespace = getattr(like, "__array_namespace__", None)
+    ns = namespace() if callable(namespace) else None
+    from_dlpack = getattr(ns, "from_dlpack", None) or getattr(
+        sys.modules.get(_library(like)), "from_dlpack", None)
+    return y if from_dlpack is None else from_dlpack(y)
+
+
+def _dlpack_args(who, u, k, D, g_in, g_out, dy=None):
+    """Everything seen as torch tensors; k may stay a KernelSpectrum."""
+    names = ("u", "D", "g_in", "g_out", "dy")
+    tu, tD, tgi, tgo, tdy = (_to_torch(who, n_, a, u) for n_, a in zip(names, (u, D, g_in, g_out, dy)))
+    tk = k if isinstance(k, KernelSpectrum) else _to_torch(who, "k", k, u)
+    return tu, tk, tD, tgi, tgo, tdy
+
+
+@contextlib.contextmanager
+def _dlpack_errors(u):
+    """Validation errors of converted inputs say what the caller passed."""
+    try:
+        yield
+    except (TypeError, ValueError) as exc:
+        raise type(exc)("%s (u is a %s, read as a torch.Tensor through torch.from_dlpack)"
+                        % (exc, _type_name(u))) from None
+
+
+def _fftconv_dlpack(u, k, D, g_in, g_out):
+    with _caller_stream(u):
+        tu, tk, tD, tgi, tgo, _ = _dlpack_args("fftconv", u, k, D, g_in, g_out)
+        with _dlpack_errors(u):
+            _validate(tu, tk, tD, tgi, tgo)
+        tk, k_exponent, n = _op_kernel(tk)
+        y = _fftconv_op(tu, tk, tD, tgi, tgo, k_exponent, n)
+        return _to_caller(y, u)
+
+
+def _backward_dlpack(dy, u, k, D, g_in, g_out):
+    who = "fftconv_backward"
+    with _caller_stream(u):
+        tu, tk, tD, tgi, tgo, tdy = _dlpack_args(who, u, k, D, g_in, g_out, dy)
+        with _dlpack_errors(u):
+            _validate(tu, tk, tD, tgi, tgo, who=who)
+            _validate_dy(tdy, tu, "torch", who)
+        grads = _backward_torch(tdy, tu, tk, tD, tgi, tgo)
+        return {key: _to_caller(g, u) for key, g in grads.items()}
+
+
+# --- the torch operators -------------------------------------------------------------------
+#
+# One place dispatches each direction by device: _forward_impl and _backward_impl. The
+# operators, their fake implementations and their autograd formula only marshal arguments.
+
+def _op_kernel(k):
+    """(k, k_exponent, n) operator arguments for a time-domain k or a KernelSpectrum."""
+    if isinstance(k, KernelSpectrum):
+        return k.spectrum.detach(), k.exponent, k.n
+    return k, None, 0
+
+
+def _grad_mask(k, D, g_in, g_out, output_mask):
+    """Which of (du, dk, dD, dg_in, dg_out) to compute: requested, present, not a spectrum."""
+    present = (True, not k.is_complex(), D is not None, g_in is not None, g_out is not None)
+    if output_mask is None:
+        return present
+    if len(output_mask) != 5:
+        raise ValueError("fftconv_bwd: output_mask must have 5 entries (du, dk, dD, dg_in, "
+                         "dg_out), got %d" % len(output_mask))
+    return tuple(bool(m) and p for m, p in zip(output_mask, present))
+
+
+def _backward_torch(dy, u, k, D, g_in, g_out):
+    """fftconv_backward for torch tensors: the backward operator, as a dict."""
+    k, k_exponent, n = _op_kernel(k)
+    dy, u, k, D, g_in, g_out = (None if t is None else t.detach() for t in (dy, u, k, D, g_in, g_out))
+    grads = _fftconv_bwd_op(dy, u, k, D, g_in, g_out, k_exponent, n)
+    mask = _grad_mask(k, D, g_in, g_out, None)
+    return {key: g if m else None for key, g, m in zip(_GRAD_KEYS, grads, mask)}
+
+
+def _forward_impl(u, k, D, g_in, g_out, k_exponent, n):
+    """The forward, by device (see the module docstring)."""
+    if u.device.type == "cpu":
+        return _forward_cpu(u, k, D, g_in, g_out, k_exponent, n)
+    if u.device.type == "cuda" and _fused_ok(u, k, k_exponent, n):
+        return _fused_forward(u, k, D, g_in, g_out, k_exponent)
+    return _forward_torch_fft(u, k, D, g_in, g_out, k_exponent, n)
+
+
+def _backward_impl(dy, u, k, D, g_in, g_out, k_exponent, n, mask):
+    """The backward, by device: a 5-tuple of gradients, None where `mask` is False."""
+    if u.device.type == "cpu":
+        return _backward_cpu(dy, u, k, D, g_in, g_out, k_exponent, n, mask)
+    return _backward_torch_fft(dy, u, k, D, g_in, g_out, k_exponent, n, mask)
+
+
+def _compute_dtype(u):
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _complex_dtype(cdt):
+    return torch.complex128 if cdt == torch.float64 else torch.complex64
+
+
+def _zero_grads(u, k, D, g_in, g_out, mask):
+    """Gradients of an empty problem (B * H * L == 0): zeros."""
+    return tuple(x.new_zeros(x.shape) if m else None for x, m in zip((u, k, D, g_in, g_out), mask))
+
+
+# --- CPU: the scipy engine through zero-copy numpy views ---------------------------------
+
+def _cpu_spectrum(k, k_exponent, n, L, cdt):
+    """(K as numpy (H, n//2 + 1) complex, n, lk) for a time-domain k or a spectrum."""
+    if k.is_complex():
+        spec = _natural_spectrum(k.detach(), k_exponent, n)
+        return spec.to(_complex_dtype(cdt)).resolve_conj().numpy(), n, 0
+    lk = min(int(k.shape[1]), L)
+    n = _cpu.fft_size(L, lk)
+    return _cpu.kernel_spectrum(_np_view(k, cdt), L, n, _np_dtype(cdt)), n, lk
+
+
+def _forward_cpu(u, k, D, g_in, g_out, k_exponent, n):
+    cdt = _compute_dtype(u)
     B, H, L = u.shape
     if B * H * L == 0:
-        return torch.zeros_like(u)
+        return u.new_zeros(u.shape)
+    K, n, _ = _cpu_spectrum(k, k_exponent, n, L, cdt)
+    y = _cpu.conv_forward(_np_view(u, cdt), K, n, _np_view(D, cdt), _np_view(g_in, cdt),
+                          _np_view(g_out, cdt), _np_dtype(cdt))
+    return torch.from_numpy(y).to(u.dtype)
+
+
+def _backward_cpu(dy, u, k, D, g_in, g_out, k_exponent, n, mask):
+    need_u, need_k, need_D, need_gi, need_go = mask
+    B, H, L = u.shape
+    if B * H * L == 0:
+        return _zero_grads(u, k, D, g_in, g_out, mask)
+    cdt = _compute_dtype(u)
+    # K is recomputed from k (H FFTs, against the B*H of the backward itself) rather than
+    # saved by the forward: the operator's only output is y.
+    K, n, lk = _cpu_spectrum(k, k_exponent, n, L, cdt)
+    g = _cpu.conv_backward(
+        _np_view(dy, cdt), _np_view(u, cdt), K, n, lk, _np_view(D, cdt),
+        _np_view(g_in, cdt), _np_view(g_out, cdt), _np_dtype(cdt),
+        need_k=need_k, need_D=need_D, need_gates=need_gi or need_go)
+    du = torch.from_numpy(g["du"]).to(u.dtype) if need_u else None
+    dk = None
+    if need_k:
+        dk = k.new_zeros(k.shape)  # taps >= L get no gradient
+        dk[:, :lk] = torch.from_numpy(g["dk"]).to(k.dtype)
+    dD = torch.from_numpy(g["dD"]).to(D.dtype) if need_D else None
+    dgi = torch.from_numpy(g["dg_in"]).to(g_in.dtype) if need_gi else None
+    dgo = torch.from_numpy(g["dg_out"]).to(g_out.dtype) if need_go else None
+    return du, dk, dD, dgi, dgo
+
+
+# --- torch.fft: CUDA where the fused kernel does not apply, the CUDA backward, other devices
+
+def _torch_spectrum(k, k_exponent, n, L, cdt):
+    """(K (H, n//2 + 1) complex, n, lk) for a time-domain k or a spectrum."""
+    if k.is_complex():
+        return _natural_spectrum(k, k_exponent, n).to(_complex_dtype(cdt)), n, 0
+    lk = min(int(k.shape[1]), L)
+    n = _cuda_fft_size(L, lk)
+    return torch.fft.rfft(k[:, :lk].to(cdt), n=n), n, lk
+
+
+def _forward_torch_fft(u, k, D, g_in, g_out, k_exponent, n):
+    cdt = _compute_dtype(u)
+    B, H, L = u.shape
+    if B * H * L == 0:
+        return u.new_zeros(u.shape)
     x = u.to(cdt) if g_in is None else u.to(cdt) * g_in.to(cdt)
-    if isinstance(k, KernelSpectrum):
-        K, n = _natural_rfft(k), k.n
-    else:
-        lk = min(int(k.shape[1]), L)
-        n = _cuda_fft_size(L, lk)
-        K = torch.fft.rfft(k[:, :lk].to(cdt), n=n)
+    K, n, _ = _torch_spectrum(k, k_exponent, n, L, cdt)
     y = torch.fft.irfft(torch.fft.rfft(x, n=n) * K, n=n)[..., :L]
     if D is not None:
         y = y + x * D.to(cdt).unsqueeze(-1)
     if g_out is not None:
         y = y * g_out.to(cdt)
-    return y.to(u.dtype)
+    return y.to(u.dtype).contiguous()
+
+
+def _backward_torch_fft(dy, u, k, D, g_in, g_out, k_exponent, n, mask):
+    """The formulas of flashconv/_cpu.py's conv_backward, in torch.fft."""
+    need_u, need_k, need_D, need_gi, need_go = mask
+    B, H, L = u.shape
+    if B * H * L == 0:
+        return _zero_grads(u, k, D, g_in, g_out, mask)
+    cdt = _compute_dtype(u)
+    K, n, lk = _torch_spectrum(k, k_exponent, n, L, cdt)
+    x = u.to(cdt) if g_in is None else u.to(cdt) * g_in.to(cdt)
+    Dc = None if D is None else D.to(cdt).unsqueeze(-1)
+    dz = dy.to(cdt) if g_out is None else dy.to(cdt) * g_out.to(cdt)
+    DZ = torch.fft.rfft(dz, n=n)  # (B, H, n//2 + 1)
+    du = dk = dD = dgi = dgo = None
+    if need_u or need_gi:
+        # dx: the causal correlation of dz with k (the adjoint of the convolution) + D dz
+        dx = torch.fft.irfft(DZ * K.conj(), n=n)[..., :L]
+        if Dc is not None:
+            dx = dx + dz * Dc
+        if need_u:
+            du = (dx if g_in is None else dx * g_in.to(cdt)).to(u.dtype)
+        if need_gi:
+            dgi = (dx * u.to(cdt)).to(g_in.dtype)
+    if need_k or need_go:
+        X = torch.fft.rfft(x, n=n)
+        if need_k:
+            dk = k.new_zeros(k.shape)  # taps >= L get no gradient
+            dk[:, :lk] = torch.fft.irfft((X.conj() * DZ).sum(0), n=n)[:, :lk].to(k.dtype)
+        if need_go:
+            z = torch.fft.irfft(X * K, n=n)[..., :L]
+            if Dc is not None:
+                z = z + x * Dc
+            dgo = (dy.to(cdt) * z).to(g_out.dtype)
+    if need_D:
+        dD = (dz * x).sum(dim=(0, 2)).to(D.dtype)
+    return du, dk, dD, dgi, dgo
+
+
+if torch is not None:
+    Tensor = torch.Tensor
+
+    @torch.library.custom_op("flashconv::fftconv", mutates_args=())
+    def _fftconv_op(u: Tensor, k: Tensor, D: Optional[Tensor] = None, g_in: Optional[Tensor] = None,
+                    g_out: Optional[Tensor] = None, k_exponent: Optional[Tensor] = None,
+                    n: int = 0) -> Tensor:
+        """y = g_out * (causal_conv(g_in * u, k) + D * g_in * u); k: taps, or a spectrum (n > 0)."""
+        return _forward_impl(u, k, D, g_in, g_out, k_exponent, n)
+
+    @_fftconv_op.register_fake
+    def _fftconv_fake(u, k, D=None, g_in=None, g_out=None, k_exponent=None, n=0):
+        return u.new_empty(u.shape)
+
+    @torch.library.custom_op("flashconv::fftconv_bwd", mutates_args=())
+    def _fftconv_bwd_op(dy: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor] = None,
+                        g_in: Optional[Tensor] = None, g_out: Optional[Tensor] = None,
+                        k_exponent: Optional[Tensor] = None, n: int = 0,
+                        output_mask: Optional[Sequence[bool]] = None
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(du, dk, dD, dg_in, dg_out); an empty (0,) tensor where not computed (module doc)."""
+        mask = _grad_mask(k, D, g_in, g_out, output_mask)
+        grads = _backward_impl(dy, u, k, D, g_in, g_out, k_exponent, n, mask)
+        return tuple(u.new_empty((0,)) if g is None else g.contiguous() for g in grads)
+
+    @_fftconv_bwd_op.register_fake
+    def _fftconv_bwd_fake(dy, u, k, D=None, g_in=None, g_out=None, k_exponent=None, n=0,
+                          output_mask=None):
+        mask = _grad_mask(k, D, g_in, g_out, output_mask)
+        return tuple(x.new_empty(x.shape) if m else u.new_empty((0,))
+                     for x, m in zip((u, k, D, g_in, g_out), mask))
+
+    def _fftconv_setup_context(ctx, inputs, output):
+        u, k, D, g_in, g_out, k_exponent, n = inputs
+        ctx.save_for_backward(u, k, D, g_in, g_out, k_exponent)
+        ctx.n = n
+
+    def _fftconv_autograd(ctx, dy):
+        u, k, D, g_in, g_out, k_exponent = ctx.saved_tensors
+        # needs_input_grad covers the arguments passed: trailing defaults may be left off.
+        needs = (tuple(ctx.needs_input_grad) + (False,) * 5)[:5]
+        mask = _grad_mask(k, D, g_in, g_out, needs)
+        grads = _fftconv_bwd_op(dy, u, k, D, g_in, g_out, k_exponent, ctx.n, list(mask))
+        # No gradient for a spectrum k, k_exponent and n.
+        return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None)
+
+    _fftconv_op.register_autograd(_fftconv_autograd, setup_context=_fftconv_setup_context)
 
 
 # --- the fused CUDA kernel ---------------------------------------------------------------
@@ -353,8 +720,14 @@ def _fftconv_torch_fft(u, k, D, g_in, g_out):
 _DTYPE_CODES = {} if torch is None else {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def _fused_ok(u, k):
-    """True if the fused forward kernel serves this call (else the torch.fft path does)."""
+def _fused_ok(u, k, k_exponent=None, n=0):
+    """True if the fused forward kernel serves this call (else the torch.fft path does).
+
+    k: the time-domain taps, or a spectrum with its k_exponent and n (operator arguments),
+    or a KernelSpectrum.
+    """
+    if isinstance(k, KernelSpectrum):
+        k, k_exponent, n = _op_kernel(k)
     ext = _ext.extension()
     if ext is None or u.dtype not in _DTYPE_CODES or _ext.cuda_device_count() == 0:
         return False
@@ -362,7 +735,7 @@ def _fused_ok(u, k):
     if B * H * L == 0:
         return False
     N = fused_fft_size(L)
-    if isinstance(k, KernelSpectrum) and (k.layout != "monarch" or k.n != N):
+    if k.is_complex() and (k_exponent is None or n != N):  # only a Monarch-order spectrum
         return False
     code = _DTYPE_CODES[u.dtype]
     bytes_per = 4 if u.dtype == torch.bfloat16 else 8  # complex fp16 (bf16 io) or fp32 on chip
@@ -386,11 +759,12 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
-def _fused_forward(u, k, D, g_in, g_out):
+def _fused_forward(u, k, D, g_in, g_out, k_exponent=None):
+    """The fused kernel on the current stream; k: taps, or a Monarch spectrum with k_exponent."""
     B, H, L = u.shape
     N = fused_fft_size(L)
-    if isinstance(k, KernelSpectrum):
-        K, kexp = k.spectrum, k.exponent
+    if k.is_complex():
+        K, kexp = k.contiguous(), k_exponent.to(torch.int32).contiguous()
     else:
         K, kexp = _monarch_spectrum(k, min(int(k.shape[1]), L), N)
     Kf = torch.view_as_real(K)  # (H, N, 2) float32, contiguous
@@ -404,31 +778,3 @@ def _fused_forward(u, k, D, g_in, g_out):
         _strides(u), _strides(gi), _strides(go), _strides(y), _DTYPE_CODES[u.dtype],
         u.device.index, stream)
     return y
-
-
-if torch is not None:
-
-    class _FFTConvCUDA(torch.autograd.Function):
-        """Forward: the fused kernel. Backward: autograd through the torch.fft path (recomputed)."""
-
-        @staticmethod
-        def forward(ctx, u, k, D, g_in, g_out):
-            ctx.k_spec = k if isinstance(k, KernelSpectrum) else None
-            ctx.save_for_backward(u, None if ctx.k_spec is not None else k, D, g_in, g_out)
-            return _fused_forward(u.detach(), k if ctx.k_spec is not None else k.detach(), D, g_in, g_out)
-
-        @staticmethod
-        def backward(ctx, dy):
-            u, k, D, g_in, g_out = ctx.saved_tensors
-            k_in = ctx.k_spec if ctx.k_spec is not None else k
-            leaves = [t.detach().requires_grad_(need) if t is not None and need else t
-                      for t, need in zip((u, k, D, g_in, g_out), ctx.needs_input_grad)]
-            if ctx.k_spec is not None:
-                leaves[1] = k_in
-            with torch.enable_grad():
-                y = _fftconv_torch_fft(*leaves)
-                wrt = [t for t, need in zip(leaves, ctx.needs_input_grad)
-                       if need and isinstance(t, torch.Tensor)]
-                grads = iter(torch.autograd.grad(y, wrt, dy, allow_unused=True)) if wrt else iter(())
-            return tuple(next(grads) if need and isinstance(t, torch.Tensor) else None
-                         for t, need in zip(leaves, ctx.needs_input_grad))
