@@ -61,10 +61,16 @@ def fft_size(L, lk):
     return int(sfft.next_fast_len(max(L + max(lk, 1) - 1, 1), real=True))
 
 
-def kernel_spectrum(k, L, n, dtype):
-    """rfft of k (H, Lk) truncated to L taps, zero-padded to n: (H, n//2 + 1) complex."""
-    k = np.asarray(k)[:, :L].astype(dtype, copy=False)
-    return sfft.rfft(k, n=n, axis=-1)
+def kernel_spectrum(k, L, n, dtype, k_rev=None):
+    """rfft of k (H, Lk) truncated to L taps, zero-padded to n: (H, n//2 + 1) complex.
+
+    With an anti-causal kernel k_rev (bidirectional convolution), rfft(k) + conj(rfft(k_rev)):
+    the product with it adds sum_s k_rev[s] x[t+s] (n >= L + Lk_rev - 1 keeps it unwrapped).
+    """
+    K = sfft.rfft(np.asarray(k)[:, :L].astype(dtype, copy=False), n=n, axis=-1)
+    if k_rev is not None:
+        K += np.conj(sfft.rfft(np.asarray(k_rev)[:, :L].astype(dtype, copy=False), n=n, axis=-1))
+    return K
 
 
 def _pad_buffer(shape, dtype):
@@ -138,8 +144,10 @@ def conv_forward(u, K, n, D=None, g_in=None, g_out=None, dtype=np.float32):
 
 
 def conv_backward(dy, u, K, n, lk, D=None, g_in=None, g_out=None, dtype=np.float32,
-                  need_k=True, need_D=True, need_gates=True):
-    """Gradients of conv_forward: dict with du, dk (H, lk), dD, dg_in, dg_out (or None).
+                  need_k=True, need_D=True, need_gates=True, lk_rev=0):
+    """Gradients of conv_forward: dict with du, dk (H, lk), dD, dg_in, dg_out (or None),
+    and dk_rev (H, lk_rev) for a bidirectional K (lk_rev > 0): the negative lags of the
+    same correlation, irfft(sum_b X conj(DZ)).
 
     dk is the gradient for the first lk taps only (the caller zero-fills taps >= L).
     """
@@ -190,9 +198,11 @@ def conv_backward(dy, u, K, n, lk, D=None, g_in=None, g_out=None, dtype=np.float
             du[sl] = dx
 
     _run(_chunks(B, H, n, np.dtype(dtype).itemsize), work, B * H * L)
-    dk = None
+    dk = dk_rev = None
     if need_k:
         total = sum(accs.values()) if accs else np.zeros((H, n // 2 + 1), np.result_type(dtype, np.complex64))
         dk = sfft.irfft(total, n=n, axis=-1)[:, :lk].astype(dtype, copy=False)
+        if lk_rev:
+            dk_rev = sfft.irfft(np.conj(total), n=n, axis=-1)[:, :lk_rev].astype(dtype, copy=False)
     dD = dD_rows.sum(axis=0).astype(dtype) if dD_rows is not None else None
-    return {"du": du, "dk": dk, "dD": dD, "dg_in": dg_in, "dg_out": dg_out}
+    return {"du": du, "dk": dk, "dD": dD, "dg_in": dg_in, "dg_out": dg_out, "dk_rev": dk_rev}

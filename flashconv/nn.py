@@ -8,16 +8,50 @@ Both take and return (B, L, d_model) like the S4/H3 code bases and transpose to 
 
 and the recurrence reproduces the convolutional forward up to rounding, because both
 use the same discretised SSM (see ``flashconv.ssm``).
+
+``S4D(..., bidirectional=True)`` is the non-causal layer the Long Range Arena models
+use: a second, anti-causal kernel k_rev adds ``sum_{s>=0} k_rev[h,s] u[t+s]`` (H3's
+convention, lag 0 counted by both kernels). It has no ``step()``: an output depends on
+inputs that a decoder has not seen yet.
 """
+import functools
+import inspect
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
 import flashconv
-from flashconv.ssm import S4DKernel, ShiftKernel
+from flashconv.ssm import S4DKernel, ShiftKernel, _check_positive_int
 
 __all__ = ["S4D", "H3", "H3State"]
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_k_rev(fn):
+    """Whether ``fn`` (flashconv.fftconv) takes the ``k_rev=`` keyword.
+
+    Keyed on the function object, so an upgraded flashconv is noticed without a restart
+    of anything but this cache.
+    """
+    try:
+        return "k_rev" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: assume the old API
+        return False
+
+
+def _bidirectional_fftconv(x, k, D, k_rev):
+    """``fftconv(x, k, D)`` plus the anti-causal term ``sum_{s>=0} k_rev[h,s] x[t+s]``.
+
+    Uses fftconv's own ``k_rev`` when it has one (one FFT pair, spectrum
+    rfft(k) + conj(rfft(k_rev))). Otherwise the anti-causal term is a causal
+    convolution in reversed time: reversing x, convolving with k_rev and reversing back
+    gives ``sum_s k_rev[s] x[t+s]`` exactly, at the price of a second call.
+    """
+    fftconv = flashconv.fftconv
+    if _accepts_k_rev(fftconv):
+        return fftconv(x, k, D, k_rev=k_rev)
+    return fftconv(x, k, D) + fftconv(x.flip(-1), k_rev).flip(-1)
 
 
 def _check_input(u, d_model, ndim=3):
@@ -36,12 +70,25 @@ class S4D(nn.Module):
     map to 2*d_model followed by a GLU (as the S4D reference), or a plain linear map
     when ``glu=False``.
 
+    Bidirectional (``bidirectional=True``), as S4 does it: one S4DKernel of 2*d_model
+    channels whose first half is the causal kernel k and second half the anti-causal
+    kernel k_rev, so ``conv(u, k)`` becomes
+    ``sum_{s>=0} k[h,s] u[t-s] + sum_{s>=0} k_rev[h,s] u[t+s]`` (H3's convention: lag 0
+    is counted by both kernels). Decoding (``step``, ``prefill``, ``allocate_state``)
+    raises for such a layer.
+
+    Under ``torch.autocast`` the convolution reads and writes the autocast dtype:
+    fftconv accumulates in float32 internally, so, like a matmul, it only rounds its
+    input and output, and a half-precision input is what selects the fused CUDA kernel
+    for the longest sequences.
+
     Args:
         d_model: channels H.
         d_state: SSM state size N (even; N/2 complex modes per channel).
         dropout: dropout probability after the activation.
         glu: use the Linear(H, 2H) + GLU output; otherwise Linear(H, H).
         dt_min, dt_max, init, disc, lr: passed to :class:`~flashconv.ssm.S4DKernel`.
+        bidirectional: add the anti-causal kernel k_rev (non-causal layer, no decoding).
 
     Shapes:
         forward: u (B, L, d_model) -> y (B, L, d_model).
@@ -49,11 +96,17 @@ class S4D(nn.Module):
     """
 
     def __init__(self, d_model, d_state=64, dropout=0.0, glu=True, dt_min=1e-3,
-                 dt_max=1e-1, init="lin", disc="zoh", lr=None):
+                 dt_max=1e-1, init="lin", disc="zoh", lr=None, bidirectional=False):
         super().__init__()
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.kernel = S4DKernel(d_model, d_state, dt_min, dt_max, init, disc, lr)
+        if not isinstance(bidirectional, bool):
+            raise TypeError(f"bidirectional must be a bool, got {type(bidirectional).__name__}")
+        _check_positive_int("d_model", d_model)  # before doubling it for the kernel
+        self.bidirectional = bidirectional
+        # (2H) channels when bidirectional: rows [0, H) give k, rows [H, 2H) give k_rev.
+        channels = 2 * d_model if bidirectional else d_model
+        self.kernel = S4DKernel(channels, d_state, dt_min, dt_max, init, disc, lr)
         self.d_model = d_model
         self.D = nn.Parameter(torch.randn(d_model))
         self.activation = nn.GELU()
@@ -67,22 +120,56 @@ class S4D(nn.Module):
         """Pointwise part after the SSM: (..., d_model) -> (..., d_model)."""
         return self.output_linear(self.dropout(self.activation(y)))
 
+    def extra_repr(self):
+        return f"d_model={self.d_model}, bidirectional={self.bidirectional}"
+
+    def kernels(self, L):
+        """Convolution kernels for length L: (k, k_rev), each (H, L); k_rev is None
+        unless the layer is bidirectional."""
+        k = self.kernel(L)
+        if not self.bidirectional:
+            return k, None
+        return k[: self.d_model], k[self.d_model:]
+
+    def conv(self, x, k, k_rev):
+        """The SSM convolution with skip term: x (B, H, L) -> conv(x, k) + D x (+ k_rev term).
+
+        The one place the layer calls fftconv: benchmarks subclass S4D and override this
+        to time another implementation inside the same model.
+        """
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            x = x.to(torch.get_autocast_dtype(device_type))
+        if k_rev is None:
+            return flashconv.fftconv(x, k, self.D)
+        return _bidirectional_fftconv(x, k, self.D, k_rev)
+
     def forward(self, u):
         """u (B, L, d_model) -> (B, L, d_model)."""
         _check_input(u, self.d_model)
-        y = flashconv.fftconv(u.transpose(1, 2), self.kernel(u.shape[1]), self.D)
+        y = self.conv(u.transpose(1, 2), *self.kernels(u.shape[1]))
         return self._mix(y.transpose(1, 2))
+
+    def _check_causal(self, what):
+        if self.bidirectional:
+            raise RuntimeError(
+                f"S4D.{what}() is undefined for a bidirectional layer: its output at time t "
+                "depends on the inputs after t (the anti-causal kernel k_rev), which a "
+                "decoder has not seen yet. Run forward() on the whole sequence instead.")
 
     def allocate_state(self, batch):
         """Zero decoding state: (batch, d_model, d_state/2) complex."""
+        self._check_causal("allocate_state")
         return self.kernel.default_state(batch)
 
     def prefill(self, u):
         """Run a prompt u (B, L, d_model): returns (forward(u), state after u)."""
+        self._check_causal("prefill")
         return self.forward(u), self.kernel.state_from_inputs(u.transpose(1, 2))
 
     def step(self, u, state):
         """Decode one token: u (B, d_model), state -> (y (B, d_model), new state)."""
+        self._check_causal("step")
         _check_input(u, self.d_model, ndim=2)
         y, state = self.kernel.step(u, state)
         return self._mix(y + self.D * u), state

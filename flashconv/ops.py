@@ -12,8 +12,9 @@ torch.Tensor           the torch operator ``torch.ops.flashconv.fftconv`` (below
   on CPU               the CPU engine through zero-copy numpy views (forward and backward)
   on CUDA              the fused block-FFT kernel (flashconv._C) for float32, float16 and
                        bfloat16 where its FFT size fits on chip (bfloat16 L <= 16K,
-                       float32/float16 L <= 8K), else torch.fft. Backward: torch.fft
-                       (the backward kernel has not landed yet).
+                       float32/float16 L <= 8K), else torch.fft. Backward: the fused
+                       backward kernel (bfloat16 L <= 8K, float32/float16 L <= 4K), else
+                       torch.fft.
   elsewhere            torch.fft, forward and backward
 anything else with     (CuPy, JAX, ...) seen as torch tensors through torch.from_dlpack,
 __dlpack__ and         zero-copy, on the caller's current CuPy stream; the result is
@@ -26,17 +27,20 @@ keeps the convolution as one opaque node; gradients come from a second operator,
 ``flashconv::fftconv_bwd``, that returns the five input gradients at once::
 
     flashconv::fftconv(Tensor u, Tensor k, Tensor? D=None, Tensor? g_in=None,
-                       Tensor? g_out=None, Tensor? k_exponent=None, SymInt n=0) -> Tensor
+                       Tensor? g_out=None, Tensor? k_exponent=None, SymInt n=0,
+                       Tensor? k_rev=None) -> Tensor
     flashconv::fftconv_bwd(Tensor dy, Tensor u, Tensor k, Tensor? D=None, Tensor? g_in=None,
                            Tensor? g_out=None, Tensor? k_exponent=None, SymInt n=0,
-                           bool[]? output_mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)
+                           bool[]? output_mask=None, Tensor? k_rev=None)
+                           -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)
 
 `k` is either the real (H, Lk) kernel (n = 0) or the complex spectrum of a KernelSpectrum
 (n = its FFT size; k_exponent its per-channel scale when the spectrum is in the fused
-kernel's Monarch order, None for a natural-order rfft spectrum). fftconv_bwd returns
-(du, dk, dD, dg_in, dg_out); an entry whose input is absent (None), is a spectrum (dk), or
-is masked out by output_mask (None: every present input) is an empty (0,) tensor of u's
-dtype, every other entry has its input's shape and dtype. The op pair is first order:
+kernel's Monarch order, None for a natural-order rfft spectrum). k_rev is the anti-causal
+kernel of a bidirectional convolution (a spectrum already includes it). fftconv_bwd returns
+(du, dk, dD, dg_in, dg_out, dk_rev); an entry whose input is absent (None), is a spectrum
+(dk), or is masked out by output_mask (6 entries; None: every present input) is an empty
+(0,) tensor of u's dtype, every other entry has its input's shape and dtype. The op pair is first order:
 double backward through it is not supported.
 
 torch is optional: numpy users never import it.
@@ -61,7 +65,7 @@ __all__ = ["fftconv", "fftconv_backward", "fft_kernel", "KernelSpectrum"]
 
 _TORCH_FLOATS = () if torch is None else (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NUMPY_FLOATS = (np.float16, np.float32, np.float64)
-_GRAD_KEYS = ("du", "dk", "dD", "dg_in", "dg_out")
+_GRAD_KEYS = ("du", "dk", "dD", "dg_in", "dg_out", "dk_rev")
 
 
 def _is_torch(x):
@@ -134,8 +138,11 @@ def _cuda_fft_size(L, lk):
     return 1 << max(0, (L + lk - 2).bit_length())
 
 
-def fft_kernel(k, L, *, dtype=None):
+def fft_kernel(k, L, *, dtype=None, k_rev=None):
     """Precompute the spectrum of the kernel k (H, Lk) for inputs of length L.
+
+    k_rev: the anti-causal kernel of a bidirectional convolution (same array type and
+    device as k), folded into the spectrum: pass the result without k_rev to fftconv.
 
     The result can be passed to fftconv() in place of k; it is valid only for inputs of
     length L on the same device and with the same compute dtype (float32, or float64
@@ -145,13 +152,18 @@ def fft_kernel(k, L, *, dtype=None):
     """
     if _is_dlpack(k):
         with _caller_stream(k):
-            return fft_kernel(_to_torch("fft_kernel", "k", k, k), L, dtype=dtype)
+            return fft_kernel(_to_torch("fft_kernel", "k", k, k), L, dtype=dtype,
+                              k_rev=_to_torch("fft_kernel", "k_rev", k_rev, k))
     kind = _kind(k)
     if kind is None:
         raise TypeError("fft_kernel: k must be a torch.Tensor or numpy.ndarray, got %s" % _type_name(k))
     if k.ndim != 2:
         raise ValueError("fft_kernel: k must have shape (H, Lk), got %s" % (_shape(k),))
     _check_dtype("k", k, kind)
+    if k_rev is not None:
+        _check_kernel("k_rev", k_rev, kind, int(k.shape[0]), "fft_kernel")
+        if kind == "torch" and k_rev.device != k.device:
+            raise ValueError("fft_kernel: k_rev is on %s but k is on %s" % (k_rev.device, k.device))
     if not isinstance(L, numbers.Integral) or L < 0:
         raise ValueError("fft_kernel: L must be a non-negative integer, got %r" % (L,))
     L = int(L)
@@ -159,26 +171,30 @@ def fft_kernel(k, L, *, dtype=None):
     if dname not in ("float32", "float64"):
         raise TypeError("fft_kernel: dtype must be float32 or float64, got %s" % dtype)
     lk = min(int(k.shape[1]), L)
+    lkr = 0 if k_rev is None else min(int(k_rev.shape[1]), L)
     if kind == "torch" and k.is_cuda:
         if dname == "float32":
             n = fused_fft_size(L)
-            spec, exp = _monarch_spectrum(k, lk, n)
+            spec, exp = _monarch_spectrum(k, lk, n, None if k_rev is None else k_rev[:, :L])
             return KernelSpectrum(spec, L, lk, n, dname, kind, str(k.device), "monarch", exp)
-        n = _cuda_fft_size(L, lk)
-        spec = torch.fft.rfft(k[:, :lk].detach().to(torch.float64), n=n)
+        spec, n, _, _ = _torch_spectrum(k.detach(), None, 0, L, torch.float64, k_rev)
         return KernelSpectrum(spec, L, lk, n, dname, kind, str(k.device))
-    n = _cpu.fft_size(L, lk)
+    n = _cpu.fft_size(L, max(lk, lkr))
     kn = _np_view(k, getattr(torch, dname)) if kind == "torch" else k
-    spec = _cpu.kernel_spectrum(kn, L, n, np.dtype(dname))
+    krn = _np_view(k_rev, getattr(torch, dname)) if kind == "torch" else k_rev
+    spec = _cpu.kernel_spectrum(kn, L, n, np.dtype(dname), krn)
     if kind == "torch":
         spec = torch.from_numpy(spec)
     return KernelSpectrum(spec, L, lk, n, dname, kind, "cpu")
 
 
-def _monarch_spectrum(k, lk, n):
-    """The fused kernel's K: FFT of k[:, :lk] zero-padded to n, in Monarch order, as
-    (H, n) complex64 scaled per channel by 2^-e with max |K| < 2^e, and e as (H,) int32."""
+def _monarch_spectrum(k, lk, n, k_rev=None):
+    """The fused kernel's K: FFT of k[:, :lk] zero-padded to n (plus conj(FFT(k_rev)) for a
+    bidirectional convolution; k_rev already truncated to L taps), in Monarch order, as (H, n) complex64 scaled per channel by
+    2^-e with max |K| < 2^e, and e as (H,) int32."""
     spec = torch.fft.fft(k[:, :lk].detach().to(torch.float64), n=n)
+    if k_rev is not None:
+        spec = spec + torch.fft.fft(k_rev.detach().to(torch.float64), n=n).conj()
     perm = torch.tensor(monarch_perm(n), device=spec.device)  # a copy: the cached plan is read-only
     spec = spec.index_select(1, perm)
     _, e = torch.frexp(spec.abs().amax(dim=1))  # amax = m * 2^e, 0.5 <= m < 1 (e = 0 for 0)
@@ -198,7 +214,18 @@ def _natural_spectrum(spec, exponent, n):
     return nat[:, : n // 2 + 1]
 
 
-def _validate(u, k, D, g_in, g_out, who="fftconv"):
+def _check_kernel(name, k, kind, H, who):
+    """A time-domain kernel: (H, Lk) real float array of kind `kind`."""
+    if _kind(k) != kind:
+        raise TypeError("%s: %s must be a %s like u, got %s" % (
+            who, name, "torch.Tensor" if kind == "torch" else "numpy.ndarray", _type_name(k)))
+    if k.ndim != 2 or int(k.shape[0]) != H:
+        raise ValueError("%s: %s must have shape (H, Lk) = (%d, Lk), got shape %s"
+                         % (who, name, H, _shape(k)))
+    _check_dtype(name, k, kind, who)
+
+
+def _validate(u, k, D, g_in, g_out, who="fftconv", k_rev=None):
     """Check shapes, dtypes, array kinds and devices; raise TypeError/ValueError naming the argument."""
     kind = _kind(u)
     if kind is None:
@@ -221,14 +248,13 @@ def _validate(u, k, D, g_in, g_out, who="fftconv"):
         if k.dtype != _compute_dtype_name(u):
             raise TypeError("%s: k was prepared in %s but u (%s) computes in %s"
                             % (who, k.dtype, u.dtype, _compute_dtype_name(u)))
+        if k_rev is not None:
+            raise ValueError("%s: k_rev cannot be combined with a precomputed spectrum k: pass "
+                             "it to fft_kernel(k, L, k_rev=k_rev) instead" % who)
     else:
-        if _kind(k) != kind:
-            raise TypeError("%s: k must be a %s like u, got %s" % (
-                who, "torch.Tensor" if kind == "torch" else "numpy.ndarray", _type_name(k)))
-        if k.ndim != 2 or int(k.shape[0]) != H:
-            raise ValueError("%s: k must have shape (H, Lk) = (%d, Lk), got shape %s"
-                             % (who, H, _shape(k)))
-        _check_dtype("k", k, kind, who)
+        _check_kernel("k", k, kind, H, who)
+    if k_rev is not None and not isinstance(k, KernelSpectrum):
+        _check_kernel("k_rev", k_rev, kind, H, who)
     for name, arr, want in (("D", D, (H,)), ("g_in", g_in, (B, H, L)), ("g_out", g_out, (B, H, L))):
         if arr is None:
             continue
@@ -242,7 +268,8 @@ def _validate(u, k, D, g_in, g_out, who="fftconv"):
     if kind == "torch":
         dev = u.device
         others = [("k", k)] if not isinstance(k, KernelSpectrum) else []
-        others += [(n_, a) for n_, a in (("D", D), ("g_in", g_in), ("g_out", g_out)) if a is not None]
+        others += [(n_, a) for n_, a in (("D", D), ("g_in", g_in), ("g_out", g_out), ("k_rev", k_rev))
+                   if a is not None]
         for name, arr in others:
             if arr.device != dev:
                 raise ValueError("%s: %s is on %s but u is on %s; all inputs must be on one "
@@ -264,7 +291,7 @@ def _validate_dy(dy, u, kind, who):
                          % (who, dy.device, u.device))
 
 
-def fftconv(u, k, D=None, *, g_in=None, g_out=None):
+def fftconv(u, k, D=None, *, g_in=None, g_out=None, k_rev=None):
     """Causal (linear) convolution of u with k along the last axis, fused with skip and gates.
 
     ``y = g_out * (causal_conv(x, k) + D * x)`` with ``x = g_in * u``: a drop-in for the
@@ -278,12 +305,15 @@ def fftconv(u, k, D=None, *, g_in=None, g_out=None):
             Lk > L truncated to L taps. Or a KernelSpectrum from fft_kernel(k, L).
         D: optional (H,) skip term.
         g_in, g_out: optional (B, H, L) gates applied before and after the convolution.
-        k, D and the gates are arrays of the same type as u (and on its device).
+        k_rev: optional (H, Lk_rev) anti-causal kernel: a bidirectional (non-causal)
+            convolution, as LRA models use, adds sum_{s>=0} k_rev[h,s] x[b,h,t+s] inside
+            the bracket (H3's fftconv_ref k_rev: spectrum rfft(k) + conj(rfft(k_rev))).
+        k, D, the gates and k_rev are arrays of the same type as u (and on its device).
 
     Returns:
         y (B, H, L) of u's dtype and array type. float16/bfloat16 inputs are computed in
         float32, float64 in float64. Torch tensors are differentiable with respect to u, k,
-        D and the gates (not through a precomputed KernelSpectrum).
+        D, the gates and k_rev (not through a precomputed KernelSpectrum).
 
     Dispatch: numpy arrays run the scipy CPU engine directly. Torch tensors go through the
     registered operator ``torch.ops.flashconv.fftconv`` (gradients through
@@ -301,15 +331,17 @@ def fftconv(u, k, D=None, *, g_in=None, g_out=None):
         ValueError: wrong shapes, mixed devices, a KernelSpectrum for another L or H.
     """
     if _is_dlpack(u):
-        return _fftconv_dlpack(u, k, D, g_in, g_out)
-    kind = _validate(u, k, D, g_in, g_out)
+        return _fftconv_dlpack(u, k, D, g_in, g_out, k_rev)
+    kind = _validate(u, k, D, g_in, g_out, k_rev=k_rev)
     if kind == "numpy":
-        return _fftconv_numpy(u, k, D, g_in, g_out)
+        return _fftconv_numpy(u, k, D, g_in, g_out, k_rev)
     k, k_exponent, n = _op_kernel(k)
-    return _fftconv_op(u, k, D, g_in, g_out, k_exponent, n)
+    if k_rev is None:  # (keeps the traced graph free of an unused argument)
+        return _fftconv_op(u, k, D, g_in, g_out, k_exponent, n)
+    return _fftconv_op(u, k, D, g_in, g_out, k_exponent, n, k_rev)
 
 
-def fftconv_backward(dy, u, k, D=None, g_in=None, g_out=None):
+def fftconv_backward(dy, u, k, D=None, g_in=None, g_out=None, k_rev=None):
     """Gradients of ``y = fftconv(u, k, D, g_in=g_in, g_out=g_out)`` for an upstream dy.
 
     The functional backward, for array types without autograd (numpy, CuPy and other
@@ -317,61 +349,65 @@ def fftconv_backward(dy, u, k, D=None, g_in=None, g_out=None):
     type; the other arguments are those of the forward call.
 
     Returns:
-        dict with keys "du", "dk", "dD", "dg_in", "dg_out" (the keys of
+        dict with keys "du", "dk", "dD", "dg_in", "dg_out" and "dk_rev" (the keys of
         python_ref.conv.fftconv_grads): each gradient has its input's shape, dtype and
         array type; None where the input is None, and "dk" is None when k is a
-        KernelSpectrum. dk is zero for taps >= L.
+        KernelSpectrum. dk (and dk_rev) is zero for taps >= L.
 
     Numpy arrays use the CPU engine's conv_backward; torch tensors call the operator
     ``torch.ops.flashconv.fftconv_bwd`` (not differentiable again); DLPack arrays run it
     zero-copy on the caller's current CuPy stream, as fftconv() does.
     """
     if _is_dlpack(u):
-        return _backward_dlpack(dy, u, k, D, g_in, g_out)
-    kind = _validate(u, k, D, g_in, g_out, who="fftconv_backward")
+        return _backward_dlpack(dy, u, k, D, g_in, g_out, k_rev)
+    kind = _validate(u, k, D, g_in, g_out, who="fftconv_backward", k_rev=k_rev)
     _validate_dy(dy, u, kind, "fftconv_backward")
     if kind == "numpy":
-        return _backward_numpy(dy, u, k, D, g_in, g_out)
-    return _backward_torch(dy, u, k, D, g_in, g_out)
+        return _backward_numpy(dy, u, k, D, g_in, g_out, k_rev)
+    return _backward_torch(dy, u, k, D, g_in, g_out, k_rev)
 
 
-def _fftconv_numpy(u, k, D, g_in, g_out):
+def _numpy_spectrum(k, k_rev, L, dtype):
+    """(K, n, lk, lk_rev) of the CPU engine for numpy k (and k_rev) or a KernelSpectrum."""
+    if isinstance(k, KernelSpectrum):
+        return k.spectrum, k.n, k.lk, 0
+    lk = min(k.shape[1], L)
+    lkr = 0 if k_rev is None else min(k_rev.shape[1], L)
+    n = _cpu.fft_size(L, max(lk, lkr))
+    return _cpu.kernel_spectrum(k, L, n, dtype, k_rev), n, lk, lkr
+
+
+def _fftconv_numpy(u, k, D, g_in, g_out, k_rev=None):
     dtype = np.float64 if u.dtype == np.float64 else np.float32
     B, H, L = u.shape
     if B * H * L == 0:
         return np.zeros(u.shape, u.dtype)
-    if isinstance(k, KernelSpectrum):
-        K, n = k.spectrum, k.n
-    else:
-        lk = min(k.shape[1], L)
-        n = _cpu.fft_size(L, lk)
-        K = _cpu.kernel_spectrum(k, L, n, dtype)
+    K, n, _, _ = _numpy_spectrum(k, k_rev, L, dtype)
     y = _cpu.conv_forward(u, K, n, D, g_in, g_out, dtype)
     return y.astype(u.dtype, copy=False)
 
 
-def _backward_numpy(dy, u, k, D, g_in, g_out):
+def _backward_numpy(dy, u, k, D, g_in, g_out, k_rev=None):
     dtype = np.float64 if u.dtype == np.float64 else np.float32
     B, H, L = u.shape
     spectrum = isinstance(k, KernelSpectrum)
-    if spectrum:
-        K, n, lk = k.spectrum, k.n, k.lk
-    else:
-        lk = min(k.shape[1], L)
-        n = _cpu.fft_size(L, lk)
-        K = _cpu.kernel_spectrum(k, L, n, dtype) if B * H * L else None
+    K, n, lk, lkr = _numpy_spectrum(k, k_rev, L, dtype)
     if B * H * L == 0:
         g = {"du": np.zeros(u.shape, dtype), "dk": np.zeros((H, lk), dtype),
              "dD": np.zeros((H,), dtype), "dg_in": np.zeros(u.shape, dtype),
-             "dg_out": np.zeros(u.shape, dtype)}
+             "dg_out": np.zeros(u.shape, dtype), "dk_rev": np.zeros((H, lkr), dtype)}
     else:
         g = _cpu.conv_backward(dy, u, K, n, lk, D, g_in, g_out, dtype,
-                               need_k=not spectrum, need_D=D is not None, need_gates=True)
+                               need_k=not spectrum, need_D=D is not None, need_gates=True,
+                               lk_rev=lkr)
     out = dict.fromkeys(_GRAD_KEYS)
     out["du"] = g["du"].astype(u.dtype, copy=False)
     if not spectrum:
         out["dk"] = np.zeros(k.shape, k.dtype)  # taps >= L get no gradient
         out["dk"][:, :lk] = g["dk"]
+    if k_rev is not None:
+        out["dk_rev"] = np.zeros(k_rev.shape, k_rev.dtype)
+        out["dk_rev"][:, :lkr] = g["dk_rev"]
     for key, arr in (("dD", D), ("dg_in", g_in), ("dg_out", g_out)):
         if arr is not None:
             out[key] = g[key].astype(arr.dtype, copy=False)
@@ -456,12 +492,13 @@ def _to_caller(y, like):
     return y if from_dlpack is None else from_dlpack(y)
 
 
-def _dlpack_args(who, u, k, D, g_in, g_out, dy=None):
+def _dlpack_args(who, u, k, D, g_in, g_out, dy=None, k_rev=None):
     """Everything seen as torch tensors; k may stay a KernelSpectrum."""
-    names = ("u", "D", "g_in", "g_out", "dy")
-    tu, tD, tgi, tgo, tdy = (_to_torch(who, n_, a, u) for n_, a in zip(names, (u, D, g_in, g_out, dy)))
+    names = ("u", "D", "g_in", "g_out", "dy", "k_rev")
+    tu, tD, tgi, tgo, tdy, tkr = (_to_torch(who, n_, a, u)
+                                  for n_, a in zip(names, (u, D, g_in, g_out, dy, k_rev)))
     tk = k if isinstance(k, KernelSpectrum) else _to_torch(who, "k", k, u)
-    return tu, tk, tD, tgi, tgo, tdy
+    return tu, tk, tD, tgi, tgo, tdy, tkr
 
 
 @contextlib.contextmanager
@@ -474,24 +511,24 @@ def _dlpack_errors(u):
                         % (exc, _type_name(u))) from None
 
 
-def _fftconv_dlpack(u, k, D, g_in, g_out):
+def _fftconv_dlpack(u, k, D, g_in, g_out, k_rev=None):
     with _caller_stream(u):
-        tu, tk, tD, tgi, tgo, _ = _dlpack_args("fftconv", u, k, D, g_in, g_out)
+        tu, tk, tD, tgi, tgo, _, tkr = _dlpack_args("fftconv", u, k, D, g_in, g_out, k_rev=k_rev)
         with _dlpack_errors(u):
-            _validate(tu, tk, tD, tgi, tgo)
+            _validate(tu, tk, tD, tgi, tgo, k_rev=tkr)
         tk, k_exponent, n = _op_kernel(tk)
-        y = _fftconv_op(tu, tk, tD, tgi, tgo, k_exponent, n)
+        y = _fftconv_op(tu, tk, tD, tgi, tgo, k_exponent, n, tkr)
         return _to_caller(y, u)
 
 
-def _backward_dlpack(dy, u, k, D, g_in, g_out):
+def _backward_dlpack(dy, u, k, D, g_in, g_out, k_rev=None):
     who = "fftconv_backward"
     with _caller_stream(u):
-        tu, tk, tD, tgi, tgo, tdy = _dlpack_args(who, u, k, D, g_in, g_out, dy)
+        tu, tk, tD, tgi, tgo, tdy, tkr = _dlpack_args(who, u, k, D, g_in, g_out, dy, k_rev)
         with _dlpack_errors(u):
-            _validate(tu, tk, tD, tgi, tgo, who=who)
+            _validate(tu, tk, tD, tgi, tgo, who=who, k_rev=tkr)
             _validate_dy(tdy, tu, "torch", who)
-        grads = _backward_torch(tdy, tu, tk, tD, tgi, tgo)
+        grads = _backward_torch(tdy, tu, tk, tD, tgi, tgo, tkr)
         return {key: _to_caller(g, u) for key, g in grads.items()}
 
 
@@ -507,40 +544,45 @@ def _op_kernel(k):
     return k, None, 0
 
 
-def _grad_mask(k, D, g_in, g_out, output_mask):
-    """Which of (du, dk, dD, dg_in, dg_out) to compute: requested, present, not a spectrum."""
-    present = (True, not k.is_complex(), D is not None, g_in is not None, g_out is not None)
+def _grad_mask(k, D, g_in, g_out, output_mask, k_rev=None):
+    """Which of (du, dk, dD, dg_in, dg_out, dk_rev) to compute: requested, present, not a
+    spectrum."""
+    present = (True, not k.is_complex(), D is not None, g_in is not None, g_out is not None,
+               k_rev is not None)
     if output_mask is None:
         return present
-    if len(output_mask) != 5:
-        raise ValueError("fftconv_bwd: output_mask must have 5 entries (du, dk, dD, dg_in, "
-                         "dg_out), got %d" % len(output_mask))
+    if len(output_mask) != 6:
+        raise ValueError("fftconv_bwd: output_mask must have 6 entries (du, dk, dD, dg_in, "
+                         "dg_out, dk_rev), got %d" % len(output_mask))
     return tuple(bool(m) and p for m, p in zip(output_mask, present))
 
 
-def _backward_torch(dy, u, k, D, g_in, g_out):
+def _backward_torch(dy, u, k, D, g_in, g_out, k_rev=None):
     """fftconv_backward for torch tensors: the backward operator, as a dict."""
     k, k_exponent, n = _op_kernel(k)
-    dy, u, k, D, g_in, g_out = (None if t is None else t.detach() for t in (dy, u, k, D, g_in, g_out))
-    grads = _fftconv_bwd_op(dy, u, k, D, g_in, g_out, k_exponent, n)
-    mask = _grad_mask(k, D, g_in, g_out, None)
+    dy, u, k, D, g_in, g_out, k_rev = (None if t is None else t.detach()
+                                       for t in (dy, u, k, D, g_in, g_out, k_rev))
+    grads = _fftconv_bwd_op(dy, u, k, D, g_in, g_out, k_exponent, n, None, k_rev)
+    mask = _grad_mask(k, D, g_in, g_out, None, k_rev)
     return {key: g if m else None for key, g, m in zip(_GRAD_KEYS, grads, mask)}
 
 
-def _forward_impl(u, k, D, g_in, g_out, k_exponent, n):
+def _forward_impl(u, k, D, g_in, g_out, k_exponent, n, k_rev=None):
     """The forward, by device (see the module docstring)."""
     if u.device.type == "cpu":
-        return _forward_cpu(u, k, D, g_in, g_out, k_exponent, n)
+        return _forward_cpu(u, k, D, g_in, g_out, k_exponent, n, k_rev)
     if u.device.type == "cuda" and _fused_ok(u, k, k_exponent, n):
-        return _fused_forward(u, k, D, g_in, g_out, k_exponent)
-    return _forward_torch_fft(u, k, D, g_in, g_out, k_exponent, n)
+        return _fused_forward(u, k, D, g_in, g_out, k_exponent, k_rev)
+    return _forward_torch_fft(u, k, D, g_in, g_out, k_exponent, n, k_rev)
 
 
-def _backward_impl(dy, u, k, D, g_in, g_out, k_exponent, n, mask):
-    """The backward, by device: a 5-tuple of gradients, None where `mask` is False."""
+def _backward_impl(dy, u, k, D, g_in, g_out, k_exponent, n, mask, k_rev=None):
+    """The backward, by device: a 6-tuple of gradients, None where `mask` is False."""
     if u.device.type == "cpu":
-        return _backward_cpu(dy, u, k, D, g_in, g_out, k_exponent, n, mask)
-    return _backward_torch_fft(dy, u, k, D, g_in, g_out, k_exponent, n, mask)
+        return _backward_cpu(dy, u, k, D, g_in, g_out, k_exponent, n, mask, k_rev)
+    if u.device.type == "cuda" and _fused_ok(u, k, k_exponent, n, backward=True):
+        return _fused_backward(dy, u, k, D, g_in, g_out, k_exponent, mask, k_rev)
+    return _backward_torch_fft(dy, u, k, D, g_in, g_out, k_exponent, n, mask, k_rev)
 
 
 def _compute_dtype(u):
@@ -551,76 +593,90 @@ def _complex_dtype(cdt):
     return torch.complex128 if cdt == torch.float64 else torch.complex64
 
 
-def _zero_grads(u, k, D, g_in, g_out, mask):
+def _zero_grads(u, k, D, g_in, g_out, mask, k_rev=None):
     """Gradients of an empty problem (B * H * L == 0): zeros."""
-    return tuple(x.new_zeros(x.shape) if m else None for x, m in zip((u, k, D, g_in, g_out), mask))
+    return tuple(x.new_zeros(x.shape) if m else None
+                 for x, m in zip((u, k, D, g_in, g_out, k_rev), mask))
+
+
+def _kernel_grad(k, lk, g):
+    """(H, Lk) gradient of a time-domain kernel from the (H, lk) gradient of its used taps."""
+    dk = k.new_zeros(k.shape)  # taps >= L get no gradient
+    dk[:, :lk] = g.to(k.dtype)
+    return dk
 
 
 # --- CPU: the scipy engine through zero-copy numpy views ---------------------------------
 
-def _cpu_spectrum(k, k_exponent, n, L, cdt):
-    """(K as numpy (H, n//2 + 1) complex, n, lk) for a time-domain k or a spectrum."""
+def _cpu_spectrum(k, k_exponent, n, L, cdt, k_rev=None):
+    """(K as numpy (H, n//2 + 1) complex, n, lk, lk_rev) for a time-domain k (and k_rev)
+    or a spectrum."""
     if k.is_complex():
         spec = _natural_spectrum(k.detach(), k_exponent, n)
-        return spec.to(_complex_dtype(cdt)).resolve_conj().numpy(), n, 0
+        return spec.to(_complex_dtype(cdt)).resolve_conj().numpy(), n, 0, 0
     lk = min(int(k.shape[1]), L)
-    n = _cpu.fft_size(L, lk)
-    return _cpu.kernel_spectrum(_np_view(k, cdt), L, n, _np_dtype(cdt)), n, lk
+    lkr = 0 if k_rev is None else min(int(k_rev.shape[1]), L)
+    n = _cpu.fft_size(L, max(lk, lkr))
+    K = _cpu.kernel_spectrum(_np_view(k, cdt), L, n, _np_dtype(cdt), _np_view(k_rev, cdt))
+    return K, n, lk, lkr
 
 
-def _forward_cpu(u, k, D, g_in, g_out, k_exponent, n):
+def _forward_cpu(u, k, D, g_in, g_out, k_exponent, n, k_rev=None):
     cdt = _compute_dtype(u)
     B, H, L = u.shape
     if B * H * L == 0:
         return u.new_zeros(u.shape)
-    K, n, _ = _cpu_spectrum(k, k_exponent, n, L, cdt)
+    K, n, _, _ = _cpu_spectrum(k, k_exponent, n, L, cdt, k_rev)
     y = _cpu.conv_forward(_np_view(u, cdt), K, n, _np_view(D, cdt), _np_view(g_in, cdt),
                           _np_view(g_out, cdt), _np_dtype(cdt))
     return torch.from_numpy(y).to(u.dtype)
 
 
-def _backward_cpu(dy, u, k, D, g_in, g_out, k_exponent, n, mask):
-    need_u, need_k, need_D, need_gi, need_go = mask
+def _backward_cpu(dy, u, k, D, g_in, g_out, k_exponent, n, mask, k_rev=None):
+    need_u, need_k, need_D, need_gi, need_go, need_kr = mask
     B, H, L = u.shape
     if B * H * L == 0:
-        return _zero_grads(u, k, D, g_in, g_out, mask)
+        return _zero_grads(u, k, D, g_in, g_out, mask, k_rev)
     cdt = _compute_dtype(u)
     # K is recomputed from k (H FFTs, against the B*H of the backward itself) rather than
     # saved by the forward: the operator's only output is y.
-    K, n, lk = _cpu_spectrum(k, k_exponent, n, L, cdt)
+    K, n, lk, lkr = _cpu_spectrum(k, k_exponent, n, L, cdt, k_rev)
     g = _cpu.conv_backward(
         _np_view(dy, cdt), _np_view(u, cdt), K, n, lk, _np_view(D, cdt),
         _np_view(g_in, cdt), _np_view(g_out, cdt), _np_dtype(cdt),
-        need_k=need_k, need_D=need_D, need_gates=need_gi or need_go)
+        need_k=need_k or need_kr, need_D=need_D, need_gates=need_gi or need_go,
+        lk_rev=lkr if need_kr else 0)
     du = torch.from_numpy(g["du"]).to(u.dtype) if need_u else None
-    dk = None
-    if need_k:
-        dk = k.new_zeros(k.shape)  # taps >= L get no gradient
-        dk[:, :lk] = torch.from_numpy(g["dk"]).to(k.dtype)
+    dk = _kernel_grad(k, lk, torch.from_numpy(g["dk"])) if need_k else None
+    dkr = _kernel_grad(k_rev, lkr, torch.from_numpy(g["dk_rev"])) if need_kr else None
     dD = torch.from_numpy(g["dD"]).to(D.dtype) if need_D else None
     dgi = torch.from_numpy(g["dg_in"]).to(g_in.dtype) if need_gi else None
     dgo = torch.from_numpy(g["dg_out"]).to(g_out.dtype) if need_go else None
-    return du, dk, dD, dgi, dgo
+    return du, dk, dD, dgi, dgo, dkr
 
 
 # --- torch.fft: CUDA where the fused kernel does not apply, the CUDA backward, other devices
 
-def _torch_spectrum(k, k_exponent, n, L, cdt):
-    """(K (H, n//2 + 1) complex, n, lk) for a time-domain k or a spectrum."""
+def _torch_spectrum(k, k_exponent, n, L, cdt, k_rev=None):
+    """(K (H, n//2 + 1) complex, n, lk, lk_rev) for a time-domain k (and k_rev) or a spectrum."""
     if k.is_complex():
-        return _natural_spectrum(k, k_exponent, n).to(_complex_dtype(cdt)), n, 0
+        return _natural_spectrum(k, k_exponent, n).to(_complex_dtype(cdt)), n, 0, 0
     lk = min(int(k.shape[1]), L)
-    n = _cuda_fft_size(L, lk)
-    return torch.fft.rfft(k[:, :lk].to(cdt), n=n), n, lk
+    lkr = 0 if k_rev is None else min(int(k_rev.shape[1]), L)
+    n = _cuda_fft_size(L, max(lk, lkr))
+    K = torch.fft.rfft(k[:, :lk].to(cdt), n=n)
+    if k_rev is not None:
+        K = K + torch.fft.rfft(k_rev[:, :lkr].to(cdt), n=n).conj()
+    return K, n, lk, lkr
 
 
-def _forward_torch_fft(u, k, D, g_in, g_out, k_exponent, n):
+def _forward_torch_fft(u, k, D, g_in, g_out, k_exponent, n, k_rev=None):
     cdt = _compute_dtype(u)
     B, H, L = u.shape
     if B * H * L == 0:
         return u.new_zeros(u.shape)
     x = u.to(cdt) if g_in is None else u.to(cdt) * g_in.to(cdt)
-    K, n, _ = _torch_spectrum(k, k_exponent, n, L, cdt)
+    K, n, _, _ = _torch_spectrum(k, k_exponent, n, L, cdt, k_rev)
     y = torch.fft.irfft(torch.fft.rfft(x, n=n) * K, n=n)[..., :L]
     if D is not None:
         y = y + x * D.to(cdt).unsqueeze(-1)
@@ -629,19 +685,19 @@ def _forward_torch_fft(u, k, D, g_in, g_out, k_exponent, n):
     return y.to(u.dtype).contiguous()
 
 
-def _backward_torch_fft(dy, u, k, D, g_in, g_out, k_exponent, n, mask):
+def _backward_torch_fft(dy, u, k, D, g_in, g_out, k_exponent, n, mask, k_rev=None):
     """The formulas of flashconv/_cpu.py's conv_backward, in torch.fft."""
-    need_u, need_k, need_D, need_gi, need_go = mask
+    need_u, need_k, need_D, need_gi, need_go, need_kr = mask
     B, H, L = u.shape
     if B * H * L == 0:
-        return _zero_grads(u, k, D, g_in, g_out, mask)
+        return _zero_grads(u, k, D, g_in, g_out, mask, k_rev)
     cdt = _compute_dtype(u)
-    K, n, lk = _torch_spectrum(k, k_exponent, n, L, cdt)
+    K, n, lk, lkr = _torch_spectrum(k, k_exponent, n, L, cdt, k_rev)
     x = u.to(cdt) if g_in is None else u.to(cdt) * g_in.to(cdt)
     Dc = None if D is None else D.to(cdt).unsqueeze(-1)
     dz = dy.to(cdt) if g_out is None else dy.to(cdt) * g_out.to(cdt)
     DZ = torch.fft.rfft(dz, n=n)  # (B, H, n//2 + 1)
-    du = dk = dD = dgi = dgo = None
+    du = dk = dD = dgi = dgo = dkr = None
     if need_u or need_gi:
         # dx: the causal correlation of dz with k (the adjoint of the convolution) + D dz
         dx = torch.fft.irfft(DZ * K.conj(), n=n)[..., :L]
@@ -651,11 +707,14 @@ def _backward_torch_fft(dy, u, k, D, g_in, g_out, k_exponent, n, mask):
             du = (dx if g_in is None else dx * g_in.to(cdt)).to(u.dtype)
         if need_gi:
             dgi = (dx * u.to(cdt)).to(g_in.dtype)
-    if need_k or need_go:
+    if need_k or need_go or need_kr:
         X = torch.fft.rfft(x, n=n)
-        if need_k:
-            dk = k.new_zeros(k.shape)  # taps >= L get no gradient
-            dk[:, :lk] = torch.fft.irfft((X.conj() * DZ).sum(0), n=n)[:, :lk].to(k.dtype)
+        if need_k or need_kr:
+            corr = (X.conj() * DZ).sum(0)  # (H, n//2 + 1): lags s >= 0 give dk, -s dk_rev
+            if need_k:
+                dk = _kernel_grad(k, lk, torch.fft.irfft(corr, n=n)[:, :lk])
+            if need_kr:
+                dkr = _kernel_grad(k_rev, lkr, torch.fft.irfft(corr.conj(), n=n)[:, :lkr])
         if need_go:
             z = torch.fft.irfft(X * K, n=n)[..., :L]
             if Dc is not None:
@@ -663,7 +722,7 @@ def _backward_torch_fft(dy, u, k, D, g_in, g_out, k_exponent, n, mask):
             dgo = (dy.to(cdt) * z).to(g_out.dtype)
     if need_D:
         dD = (dz * x).sum(dim=(0, 2)).to(D.dtype)
-    return du, dk, dD, dgi, dgo
+    return du, dk, dD, dgi, dgo, dkr
 
 
 if torch is not None:
@@ -672,45 +731,48 @@ if torch is not None:
     @torch.library.custom_op("flashconv::fftconv", mutates_args=())
     def _fftconv_op(u: Tensor, k: Tensor, D: Optional[Tensor] = None, g_in: Optional[Tensor] = None,
                     g_out: Optional[Tensor] = None, k_exponent: Optional[Tensor] = None,
-                    n: int = 0) -> Tensor:
+                    n: int = 0, k_rev: Optional[Tensor] = None) -> Tensor:
         """y = g_out * (causal_conv(g_in * u, k) + D * g_in * u); k: taps, or a spectrum (n > 0)."""
-        return _forward_impl(u, k, D, g_in, g_out, k_exponent, n)
+        return _forward_impl(u, k, D, g_in, g_out, k_exponent, n, k_rev)
 
     @_fftconv_op.register_fake
-    def _fftconv_fake(u, k, D=None, g_in=None, g_out=None, k_exponent=None, n=0):
+    def _fftconv_fake(u, k, D=None, g_in=None, g_out=None, k_exponent=None, n=0, k_rev=None):
         return u.new_empty(u.shape)
 
     @torch.library.custom_op("flashconv::fftconv_bwd", mutates_args=())
     def _fftconv_bwd_op(dy: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor] = None,
                         g_in: Optional[Tensor] = None, g_out: Optional[Tensor] = None,
                         k_exponent: Optional[Tensor] = None, n: int = 0,
-                        output_mask: Optional[Sequence[bool]] = None
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(du, dk, dD, dg_in, dg_out); an empty (0,) tensor where not computed (module doc)."""
-        mask = _grad_mask(k, D, g_in, g_out, output_mask)
-        grads = _backward_impl(dy, u, k, D, g_in, g_out, k_exponent, n, mask)
+                        output_mask: Optional[Sequence[bool]] = None,
+                        k_rev: Optional[Tensor] = None
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(du, dk, dD, dg_in, dg_out, dk_rev); an empty (0,) tensor where not computed."""
+        mask = _grad_mask(k, D, g_in, g_out, output_mask, k_rev)
+        grads = _backward_impl(dy, u, k, D, g_in, g_out, k_exponent, n, mask, k_rev)
         return tuple(u.new_empty((0,)) if g is None else g.contiguous() for g in grads)
 
     @_fftconv_bwd_op.register_fake
     def _fftconv_bwd_fake(dy, u, k, D=None, g_in=None, g_out=None, k_exponent=None, n=0,
-                          output_mask=None):
-        mask = _grad_mask(k, D, g_in, g_out, output_mask)
+                          output_mask=None, k_rev=None):
+        mask = _grad_mask(k, D, g_in, g_out, output_mask, k_rev)
         return tuple(x.new_empty(x.shape) if m else u.new_empty((0,))
-                     for x, m in zip((u, k, D, g_in, g_out), mask))
+                     for x, m in zip((u, k, D, g_in, g_out, k_rev), mask))
 
     def _fftconv_setup_context(ctx, inputs, output):
-        u, k, D, g_in, g_out, k_exponent, n = inputs
-        ctx.save_for_backward(u, k, D, g_in, g_out, k_exponent)
+        u, k, D, g_in, g_out, k_exponent, n = inputs[:7]
+        k_rev = inputs[7] if len(inputs) > 7 else None
+        ctx.save_for_backward(u, k, D, g_in, g_out, k_exponent, k_rev)
         ctx.n = n
 
     def _fftconv_autograd(ctx, dy):
-        u, k, D, g_in, g_out, k_exponent = ctx.saved_tensors
+        u, k, D, g_in, g_out, k_exponent, k_rev = ctx.saved_tensors
         # needs_input_grad covers the arguments passed: trailing defaults may be left off.
-        needs = (tuple(ctx.needs_input_grad) + (False,) * 5)[:5]
-        mask = _grad_mask(k, D, g_in, g_out, needs)
-        grads = _fftconv_bwd_op(dy, u, k, D, g_in, g_out, k_exponent, ctx.n, list(mask))
+        needs = (tuple(ctx.needs_input_grad) + (False,) * 8)[:8]
+        mask = _grad_mask(k, D, g_in, g_out, needs[:5] + needs[7:8], k_rev)
+        grads = _fftconv_bwd_op(dy, u, k, D, g_in, g_out, k_exponent, ctx.n, list(mask), k_rev)
+        g = [gr if m else None for gr, m in zip(grads, mask)]
         # No gradient for a spectrum k, k_exponent and n.
-        return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None)
+        return tuple(g[:5]) + (None, None, g[5])
 
     _fftconv_op.register_autograd(_fftconv_autograd, setup_context=_fftconv_setup_context)
 
@@ -720,8 +782,8 @@ if torch is not None:
 _DTYPE_CODES = {} if torch is None else {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def _fused_ok(u, k, k_exponent=None, n=0):
-    """True if the fused forward kernel serves this call (else the torch.fft path does).
+def _fused_ok(u, k, k_exponent=None, n=0, backward=False):
+    """True if the fused forward (or backward) kernel serves this call (else torch.fft does).
 
     k: the time-domain taps, or a spectrum with its k_exponent and n (operator arguments),
     or a KernelSpectrum.
@@ -739,7 +801,9 @@ def _fused_ok(u, k, k_exponent=None, n=0):
         return False
     code = _DTYPE_CODES[u.dtype]
     bytes_per = 4 if u.dtype == torch.bfloat16 else 8  # complex fp16 (bf16 io) or fp32 on chip
-    return N <= ext.fftconv_fwd_max_n(code) and N * bytes_per <= _max_smem(u.device.index)
+    rows = 2 if backward else 1  # the backward keeps two rows on chip
+    max_n = ext.fftconv_bwd_max_n(code) if backward else ext.fftconv_fwd_max_n(code)
+    return N <= max_n and rows * N * bytes_per <= _max_smem(u.device.index)
 
 
 _SMEM = {}
@@ -759,15 +823,21 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
-def _fused_forward(u, k, D, g_in, g_out, k_exponent=None):
-    """The fused kernel on the current stream; k: taps, or a Monarch spectrum with k_exponent."""
-    B, H, L = u.shape
-    N = fused_fft_size(L)
+def _fused_spectrum(k, k_exponent, L, N, k_rev):
+    """(K as (H, N, 2) float32, k_exp (H,) int32) for the fused kernels."""
     if k.is_complex():
         K, kexp = k.contiguous(), k_exponent.to(torch.int32).contiguous()
     else:
-        K, kexp = _monarch_spectrum(k, min(int(k.shape[1]), L), N)
-    Kf = torch.view_as_real(K)  # (H, N, 2) float32, contiguous
+        K, kexp = _monarch_spectrum(k, min(int(k.shape[1]), L), N,
+                                    None if k_rev is None else k_rev[:, :L])
+    return torch.view_as_real(K), kexp
+
+
+def _fused_forward(u, k, D, g_in, g_out, k_exponent=None, k_rev=None):
+    """The fused kernel on the current stream; k: taps, or a Monarch spectrum with k_exponent."""
+    B, H, L = u.shape
+    N = fused_fft_size(L)
+    Kf, kexp = _fused_spectrum(k, k_exponent, L, N, k_rev)  # (H, N, 2) float32, contiguous
     Df = None if D is None else D.detach().to(torch.float32).contiguous()
     gi = None if g_in is None else g_in.detach().to(u.dtype)
     go = None if g_out is None else g_out.detach().to(u.dtype)
@@ -778,3 +848,35 @@ def _fused_forward(u, k, D, g_in, g_out, k_exponent=None):
         _strides(u), _strides(gi), _strides(go), _strides(y), _DTYPE_CODES[u.dtype],
         u.device.index, stream)
     return y
+
+
+def _fused_backward(dy, u, k, D, g_in, g_out, k_exponent, mask, k_rev=None):
+    """The fused backward kernel on the current stream: (du, dk, dD, dg_in, dg_out, dk_rev)."""
+    need_u, need_k, need_D, need_gi, need_go, need_kr = mask
+    B, H, L = u.shape
+    N = fused_fft_size(L)
+    Kf, kexp = _fused_spectrum(k, k_exponent, L, N, k_rev)
+    lk = 0 if k.is_complex() else min(int(k.shape[1]), L)
+    lkr = min(int(k_rev.shape[1]), L) if need_kr else 0
+    dev = u.device
+    du = torch.empty((B, H, L), dtype=u.dtype, device=dev)  # the kernel always writes du
+    dgi = torch.empty((B, H, L), dtype=u.dtype, device=dev) if need_gi else None
+    dgo = torch.empty((B, H, L), dtype=u.dtype, device=dev) if need_go else None
+    dk_acc = torch.zeros((H, lk), dtype=torch.float32, device=dev)  # accumulated (+=) in fp32
+    dD_acc = torch.zeros((H,), dtype=torch.float32, device=dev) if need_D else None
+    dkr_acc = torch.zeros((H, lkr), dtype=torch.float32, device=dev) if need_kr else None
+    Df = None if D is None else D.detach().to(torch.float32).contiguous()
+    gi = None if g_in is None else g_in.detach().to(u.dtype)
+    go = None if g_out is None else g_out.detach().to(u.dtype)
+    dy = dy.to(u.dtype)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    _ext.extension().fftconv_bwd(
+        _ptr(u), _ptr(gi), _ptr(go), _ptr(dy), _ptr(du), _ptr(dgi), _ptr(dgo), _ptr(Kf),
+        _ptr(kexp), _ptr(Df), _ptr(dk_acc), _ptr(dD_acc), _ptr(dkr_acc), B, H, L, N, lk, lkr,
+        _strides(u), _strides(gi), _strides(go), _strides(dy), _strides(du), _strides(dgi),
+        _strides(dgo), _DTYPE_CODES[u.dtype], dev.index, stream)
+    return (du if need_u else None,
+            _kernel_grad(k, lk, dk_acc) if need_k else None,
+            dD_acc.to(D.dtype) if need_D else None,
+            dgi, dgo,
+            _kernel_grad(k_rev, lkr, dkr_acc) if need_kr else None)

@@ -1,18 +1,34 @@
-"""The main job (bench/sweep.py) runs end to end on a CPU and writes a complete report."""
+"""The main job (bench/sweep.py) runs end to end on a CPU and writes a complete report and plot."""
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "bench" / "sweep.py"
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_sweep_quick_writes_report(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--quick", "--no-gpu",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def quick_sweep(tmp_path_factory):
+    """One quick CPU sweep shared by the tests below (without a plot if matplotlib is absent)."""
+    out_dir = tmp_path_factory.mktemp("sweep")
+    cmd = [sys.executable, str(SWEEP), "--quick", "--no-gpu", "--out", str(out_dir)]
+    if not HAVE_MPL:
+        cmd.append("--no-plot")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     print(out.stdout[-3000:], out.stderr[-3000:])
     assert out.returncode == 0
-    (path,) = tmp_path.glob("sweep_*.json")
+    return out, out_dir
+
+
+def test_sweep_quick_writes_report(quick_sweep):
+    out, out_dir = quick_sweep
+    (path,) = out_dir.glob("sweep_*.json")
     rep = json.loads(path.read_text())
     assert rep["kind"] == "fftconv_sweep" and rep["commit"]
     assert len(rep["cpu_rows"]) >= 2
@@ -21,3 +37,35 @@ def test_sweep_quick_writes_report(tmp_path):
             assert r[key] > 0
         assert abs(r["speedup_vs_torch_ref"] - r["torch_ref_s"] / r["flashconv_s"]) < 1e-9
     assert "CPU forward" in out.stdout
+    # A progress line per configuration, with the elapsed time and an ETA.
+    progress = [line for line in out.stdout.splitlines() if line.startswith("[")]
+    assert len(progress) == len(rep["cpu_rows"])
+    assert all("elapsed" in line and "ETA" in line for line in progress)
+
+
+@pytest.mark.skipif(not HAVE_MPL, reason="matplotlib is not installed (pip install -e \".[bench]\"): "
+                                         "the sweep ran with --no-plot, so there is no PNG to check")
+def test_sweep_quick_writes_plot(quick_sweep):
+    out, out_dir = quick_sweep
+    (path,) = out_dir.glob("sweep_*.json")
+    png = path.with_suffix(".png")
+    assert png.is_file(), "no plot next to %s" % path.name
+    data = png.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 10_000
+    assert json.loads(path.read_text())["plot"] == png.name
+    assert "plot:" in out.stdout
+
+
+def test_sweep_without_matplotlib_fails_loudly(tmp_path):
+    """Missing matplotlib stops the sweep before any timing, naming the install command."""
+    # sys.modules[name] = None makes `import matplotlib` raise ImportError.
+    code = ("import runpy, sys; sys.modules['matplotlib'] = None; "
+            "sys.argv = [%r, '--quick', '--no-gpu', '--out', %r]; "
+            "runpy.run_path(%r, run_name='__main__')" % (str(SWEEP), str(tmp_path), str(SWEEP)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    print(out.stdout[-2000:], out.stderr[-2000:])
+    assert out.returncode != 0
+    assert "matplotlib" in out.stderr and 'pip install -e ".[bench]"' in out.stderr
+    assert "--no-plot" in out.stderr
+    assert not list(tmp_path.iterdir())  # nothing timed, nothing written
+    assert "[  1/" not in out.stdout

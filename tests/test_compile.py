@@ -42,11 +42,12 @@ def inputs(B, H, L, Lk, dtype=torch.float32, D=True, gates=False, device="cpu", 
 def test_schemas():
     assert str(FWD._schema) == (
         "flashconv::fftconv(Tensor u, Tensor k, Tensor? D=None, Tensor? g_in=None, "
-        "Tensor? g_out=None, Tensor? k_exponent=None, SymInt n=0) -> Tensor")
+        "Tensor? g_out=None, Tensor? k_exponent=None, SymInt n=0, Tensor? k_rev=None) -> Tensor")
     assert str(BWD._schema) == (
         "flashconv::fftconv_bwd(Tensor dy, Tensor u, Tensor k, Tensor? D=None, "
         "Tensor? g_in=None, Tensor? g_out=None, Tensor? k_exponent=None, SymInt n=0, "
-        "bool[]? output_mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+        "bool[]? output_mask=None, Tensor? k_rev=None) -> (Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor)")
 
 
 CASES = [  # L, Lk, D, gates: odd lengths, Lk < L, Lk > L, with and without D and gates
@@ -71,7 +72,7 @@ def test_opcheck_precomputed_spectrum(dtype):
     torch.library.opcheck(FWD, (u, ks.spectrum, D, gi, go, ks.exponent, ks.n))
 
 
-@pytest.mark.parametrize("mask", [None, [True, True, True, True, True], [False, True, False, True, False]])
+@pytest.mark.parametrize("mask", [None, [True] * 6, [False, True, False, True, False, True]])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck_backward(mask, dtype):
     u, k, D, gi, go = inputs(2, 3, 19, 7, dtype, gates=True, grad=False)
@@ -83,17 +84,32 @@ def test_backward_op_convention():
     """Absent, masked and spectrum inputs give empty (0,) tensors of u's dtype; others their input's."""
     u, k, D, gi, _ = inputs(2, 3, 12, 5, torch.bfloat16, gates=True, grad=False)
     dy = torch.randn(2, 3, 12).to(torch.bfloat16)
-    du, dk, dD, dgi, dgo = BWD(dy, u, k, D, gi, None, output_mask=[True, True, False, True, True])
+    du, dk, dD, dgi, dgo, dkr = BWD(dy, u, k, D, gi, None,
+                                    output_mask=[True, True, False, True, True, True])
     assert du.shape == u.shape and du.dtype == torch.bfloat16
     assert dk.shape == k.shape and dk.dtype == torch.float32
     assert dD.shape == (0,) and dD.dtype == torch.bfloat16      # masked out
     assert dgi.shape == gi.shape and dgi.dtype == torch.bfloat16
     assert dgo.shape == (0,)                                      # g_out absent
+    assert dkr.shape == (0,)                                      # k_rev absent
     ks = flashconv.fft_kernel(k, 12)
     grads = BWD(dy, u, ks.spectrum, D, None, None, ks.exponent, ks.n)
-    assert [tuple(g.shape) for g in grads] == [u.shape, (0,), D.shape, (0,), (0,)]
-    with pytest.raises(ValueError, match="output_mask must have 5 entries"):
+    assert [tuple(g.shape) for g in grads] == [u.shape, (0,), D.shape, (0,), (0,), (0,)]
+    k_rev = torch.randn(3, 20)
+    grads = BWD(dy, u, k, None, None, None, None, 0, None, k_rev)
+    assert [tuple(g.shape) for g in grads] == [u.shape, k.shape, (0,), (0,), (0,), k_rev.shape]
+    with pytest.raises(ValueError, match="output_mask must have 6 entries"):
         BWD(dy, u, k, output_mask=[True, True])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck_bidirectional(dtype):
+    u, k, D, gi, go = inputs(2, 3, 15, 15, dtype, gates=True, seed=3)
+    k_rev = torch.randn(3, 9, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(FWD, (u, k, D, gi, go, None, 0, k_rev))
+    dy = torch.randn(2, 3, 15, dtype=dtype)
+    torch.library.opcheck(BWD, (dy, u.detach(), k.detach(), D.detach(), gi.detach(), go.detach(),
+                                None, 0, None, k_rev.detach()))
 
 
 def test_meta_tensors():
@@ -194,7 +210,7 @@ def test_torch_fft_path_matches_reference(L, Lk, gates):
     dy = torch.randn(2, 3, L)
     y_ref = causal_conv_direct(*(np64(t) for t in (u, k, D, gi, go)))
     g_ref = fftconv_grads(np64(u), np64(k), np64(dy), D=np64(D), g_in=np64(gi), g_out=np64(go))
-    mask = (True, True, True, gates, gates)
+    mask = (True, True, True, gates, gates, False)
     nat = torch.fft.rfft(k[:, :L].double(), n=ops._cuda_fft_size(L, min(L, Lk))).to(torch.complex64)
     N = ops.fused_fft_size(L)
     mon, exp = ops._monarch_spectrum(k, min(L, Lk), N)

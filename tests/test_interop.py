@@ -83,8 +83,8 @@ def engine_inputs(monkeypatch):
     """Records the tensors the operator hands to the device dispatch, and what it returns."""
     seen = []
 
-    def spy(u, k, D, g_in, g_out, k_exponent, n):
-        y = forward(u, k, D, g_in, g_out, k_exponent, n)
+    def spy(u, k, D, g_in, g_out, k_exponent, n, k_rev=None):
+        y = forward(u, k, D, g_in, g_out, k_exponent, n, k_rev)
         seen.append({"u": u, "k": k, "D": D, "g_in": g_in, "g_out": g_out, "y": y})
         return y
 
