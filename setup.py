@@ -142,6 +142,8 @@ setup(
         "torch": ["torch>=2.1"],
         "cupy": ["cupy-cuda13x"],
         "test": ["pytest", "pytest-benchmark"],
+        # bench/sweep.py's PNG plot.
+        "bench": ["matplotlib"],
     },
     zip_safe=False,
 )

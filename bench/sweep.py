@@ -9,7 +9,11 @@ GPU section (when torch sees a GPU): bf16/fp16/fp32, B = 16 and 64, H = 768, L =
 time, achieved GB/s, % of the device-to-device copy bandwidth measured in the same run,
 and the speedup over ``fftconv_ref`` measured in the same run.
 
-A JSON report (environment, commit, every figure) goes to bench/results/ (or --out).
+A JSON report (environment, commit, every figure) goes to bench/results/ (or --out), and a
+PNG plot of the same figures next to it (same name, .png): time and speedup against L,
+log-log, per dtype and batch size on GPU. The plot needs matplotlib, the "bench" extra:
+``pip install -e ".[bench]"`` (or ``--no-plot``). Each configuration prints a progress
+line with the elapsed time and an estimate of the time left.
 """
 import argparse
 import datetime
@@ -95,14 +99,34 @@ def time_gpu(fn, reps=20, warmup=3):
     return statistics.median(times)
 
 
-def progress(i, n, text):
-    print("[%3d/%d] %s" % (i, n, text), flush=True)
+class Progress:
+    """Progress lines ``[  i/n] text  (elapsed, ETA)`` for one section of the sweep.
+
+    The ETA extrapolates the mean time per configuration so far: rough, since
+    configurations differ in size, but enough to tell minutes from hours.
+    """
+
+    def __init__(self, n):
+        self.n, self.i, self.t0 = n, 0, time.perf_counter()
+
+    def __call__(self, text):
+        self.i += 1
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / self.i * (self.n - self.i)
+        print("[%3d/%d] %s  (elapsed %s, ETA %s)" % (self.i, self.n, text, _hms(elapsed), _hms(eta)),
+              flush=True)
+
+
+def _hms(seconds):
+    m, s = divmod(int(round(seconds)), 60)
+    return "%dm%02ds" % (m, s) if m else "%ds" % s
 
 
 def cpu_section(shapes):
     rows = []
     torch.manual_seed(0)
-    for i, (B, H, L) in enumerate(shapes, 1):
+    progress = Progress(len(shapes))
+    for B, H, L in shapes:
         u = torch.randn(B, H, L)
         k = torch.randn(H, L) / L ** 0.5
         D = torch.randn(H)
@@ -127,7 +151,7 @@ def cpu_section(shapes):
         r["torch_ref_fwdbwd_s"] = time_cpu(fb(fftconv_ref), min_reps=3)
         r["fwdbwd_speedup_vs_torch_ref"] = r["torch_ref_fwdbwd_s"] / r["flashconv_fwdbwd_s"]
         rows.append(r)
-        progress(i, len(shapes), "cpu B=%d H=%d L=%d: flashconv %.2f ms, torch ref %.2f ms, scipy %.2f ms"
+        progress("cpu B=%d H=%d L=%d: flashconv %.2f ms, torch ref %.2f ms, scipy %.2f ms"
                  % (B, H, L, r["flashconv_s"] * 1e3, r["torch_ref_s"] * 1e3, r["scipy_s"] * 1e3))
     return rows
 
@@ -162,6 +186,7 @@ def gpu_section(lengths, batches, H, dtypes):
     print("GPU: %s, measured copy bandwidth %.0f GB/s" % (env["gpu"], env["copy_bandwidth_gbs"]), flush=True)
     rows = []
     configs = [(dt, B, L) for dt in dtypes for B in batches for L in lengths]
+    progress = Progress(len(configs))
     for i, (dt, B, L) in enumerate(configs, 1):
         dtype = getattr(torch, dt)
         gen = torch.Generator(device="cuda").manual_seed(i)
@@ -177,7 +202,7 @@ def gpu_section(lengths, batches, H, dtypes):
         r["flashconv_pct_copy_bw"] = 100 * r["flashconv_gbs"] / env["copy_bandwidth_gbs"]
         r["speedup_vs_torch_ref"] = r["torch_ref_s"] / r["flashconv_s"]
         rows.append(r)
-        progress(i, len(configs), "gpu %s B=%d L=%d: %.3f ms (%.0f GB/s, %.0f%% of copy), ref %.3f ms, x%.2f"
+        progress("gpu %s B=%d L=%d: %.3f ms (%.0f GB/s, %.0f%% of copy), ref %.3f ms, x%.2f"
                  % (dt, B, L, r["flashconv_s"] * 1e3, r["flashconv_gbs"], r["flashconv_pct_copy_bw"],
                     r["torch_ref_s"] * 1e3, r["speedup_vs_torch_ref"]))
         del u, k, D
@@ -205,13 +230,140 @@ def print_gpu_table(env, rows):
             r["torch_ref_s"] * 1e3, r["speedup_vs_torch_ref"]))
 
 
+def require_matplotlib():
+    """Import matplotlib with the file-only Agg backend, or stop with the install command.
+
+    Checked before any timing, so a missing plotting library costs seconds, not a sweep.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit('bench/sweep.py: matplotlib is needed to plot the sweep (it is in the "bench" extra):\n'
+                 '    pip install -e ".[bench]"\n'
+                 'or run with --no-plot to write the JSON report only.')
+    matplotlib.use("Agg")  # no display on benchmark machines
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _loglog(ax, title, ylabel, logy=True):
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    if ylabel.startswith("speedup"):
+        # Plain "3x" labels; on the minor ticks too when the data span about a decade or
+        # less (a log axis may otherwise show no label at all). Called after plotting.
+        fmt = FuncFormatter(lambda v, _: "%gx" % float("%.2g" % v))
+        ax.yaxis.set_major_formatter(fmt)
+        lo, hi = ax.get_ylim()
+        ax.yaxis.set_minor_formatter(fmt if hi / lo < 100 else NullFormatter())
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.set_xlabel("L")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _series(rows, key):
+    """(L, value) sorted by L."""
+    pts = sorted((r["L"], r[key]) for r in rows)
+    return [x for x, _ in pts], [y for _, y in pts]
+
+
+def plot_cpu(ax_row, rows):
+    """CPU section: the three implementations and flashconv's ratios, against L.
+
+    The CPU shapes change B*H with L (about 2M elements per call, plus a few listed
+    shapes), so times are per element (ns per B*H*L value): comparable across shapes.
+    """
+    per_elem = [dict(r, **{k + "_ns": r[k] * 1e9 / (r["B"] * r["H"] * r["L"]) for k in (
+        "flashconv_s", "torch_ref_s", "scipy_s", "flashconv_fwdbwd_s", "torch_ref_fwdbwd_s")}) for r in rows]
+    ax = ax_row[0]
+    for key, label, style in (("flashconv_s_ns", "flashconv", "o-"), ("torch_ref_s_ns", "torch.fft ref", "s--"),
+                              ("scipy_s_ns", "scipy.fft", "^:")):
+        ax.plot(*_series(per_elem, key), style, label=label)
+    _loglog(ax, "CPU forward, float32", "ns per element (B*H*L)")
+    ax.legend(fontsize=8)
+    ax = ax_row[1]
+    for key, label, style in (("flashconv_fwdbwd_s_ns", "flashconv", "o-"),
+                              ("torch_ref_fwdbwd_s_ns", "torch.fft ref", "s--")):
+        ax.plot(*_series(per_elem, key), style, label=label)
+    _loglog(ax, "CPU forward + backward, float32", "ns per element (B*H*L)")
+    ax.legend(fontsize=8)
+    ax = ax_row[2]
+    for key, label, style in (("speedup_vs_torch_ref", "fwd: torch ref / flashconv", "o-"),
+                              ("speedup_vs_best_baseline", "fwd: best of (ref, scipy) / flashconv", "^:"),
+                              ("fwdbwd_speedup_vs_torch_ref", "fwd+bwd: torch ref / flashconv", "s--")):
+        ax.plot(*_series(rows, key), style, label=label)
+    ax.axhline(1.0, color="k", lw=0.8)
+    _loglog(ax, "CPU speedup of flashconv", "speedup (x)")
+    ax.legend(fontsize=8)
+
+
+def plot_gpu(axes, env, rows):
+    """GPU section: one row of panels per dtype; time and speedup against L, a line per B."""
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    batches = sorted({r["B"] for r in rows})
+    for ax_row, dt in zip(axes, dtypes):
+        for B in batches:
+            sel = [r for r in rows if r["dtype"] == dt and r["B"] == B]
+            line, = ax_row[0].plot(*_series(sel, "flashconv_s"), "o-", label="flashconv B=%d" % B)
+            ax_row[0].plot(*_series(sel, "torch_ref_s"), "s--", color=line.get_color(),
+                           label="torch.fft ref B=%d" % B)
+            ax_row[1].plot(*_series(sel, "speedup_vs_torch_ref"), "o-", color=line.get_color(),
+                           label="B=%d" % B)
+        H = rows[0]["H"]
+        _loglog(ax_row[0], "%s %s forward, H=%d" % (env["gpu"], dt, H), "time (s)")
+        _loglog(ax_row[1], "%s speedup over the torch.fft ref" % dt, "speedup (x)")
+        ax_row[1].axhline(1.0, color="k", lw=0.8)
+        for ax in ax_row[:2]:
+            ax.legend(fontsize=8)
+        # Third panel: the fraction of the measured copy bandwidth flashconv reaches.
+        for B in batches:
+            sel = [r for r in rows if r["dtype"] == dt and r["B"] == B]
+            ax_row[2].plot(*_series(sel, "flashconv_pct_copy_bw"), "o-", label="B=%d" % B)
+        _loglog(ax_row[2], "%s flashconv, %% of copy bandwidth (%.0f GB/s)" % (dt, env["copy_bandwidth_gbs"]),
+                "% of copy bandwidth", logy=False)
+        ax_row[2].set_ylim(0, 100)
+        ax_row[2].legend(fontsize=8)
+
+
+def write_plot(plt, report, path):
+    """One figure: the CPU section (one row) and the GPU section (a row per dtype)."""
+    sections = []
+    if report.get("cpu_rows"):
+        sections.append(("cpu", 1))
+    if report.get("gpu_rows"):
+        sections.append(("gpu", len({r["dtype"] for r in report["gpu_rows"]})))
+    n_rows = sum(n for _, n in sections)
+    if n_rows == 0:
+        return None
+    fig, axes = plt.subplots(n_rows, 3, figsize=(16, 4.2 * n_rows), squeeze=False)
+    row = 0
+    for kind, n in sections:
+        if kind == "cpu":
+            plot_cpu(axes[row], report["cpu_rows"])
+        else:
+            plot_gpu(axes[row:row + n], report["gpu"], report["gpu_rows"])
+        row += n
+    fig.suptitle("flashconv sweep %s, commit %s%s" % (report["date"][:10], report["commit"][:12],
+                                                       " (quick)" if report["quick"] else ""), fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (4.2 * n_rows)))  # room for the suptitle
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few small shapes (smoke test)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory for the JSON report")
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU section")
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU section")
+    ap.add_argument("--no-plot", action="store_true", help="write the JSON only (no matplotlib needed)")
     args = ap.parse_args(argv)
+    plt = None if args.no_plot else require_matplotlib()
 
     gpu = torch.cuda.is_available() and not args.no_gpu
     report = {
@@ -243,8 +395,12 @@ def main(argv=None):
     name = "sweep_%s_%s_%s%s.json" % (datetime.date.today().isoformat(), device, report["commit"][:10],
                                       "_quick" if args.quick else "")
     path = out / name
+    if plt is not None:
+        report["plot"] = path.with_suffix(".png").name
     path.write_text(json.dumps(report, indent=1) + "\n")
     print("\nreport: %s" % path)
+    if plt is not None and write_plot(plt, report, path.with_suffix(".png")):
+        print("plot:   %s" % path.with_suffix(".png"))
     return 0
 
 

@@ -14,8 +14,6 @@ use: a second, anti-causal kernel k_rev adds ``sum_{s>=0} k_rev[h,s] u[t+s]`` (H
 convention, lag 0 counted by both kernels). It has no ``step()``: an output depends on
 inputs that a decoder has not seen yet.
 """
-import functools
-import inspect
 from typing import NamedTuple
 
 import torch
@@ -25,33 +23,6 @@ import flashconv
 from flashconv.ssm import S4DKernel, ShiftKernel, _check_positive_int
 
 __all__ = ["S4D", "H3", "H3State"]
-
-
-@functools.lru_cache(maxsize=None)
-def _accepts_k_rev(fn):
-    """Whether ``fn`` (flashconv.fftconv) takes the ``k_rev=`` keyword.
-
-    Keyed on the function object, so an upgraded flashconv is noticed without a restart
-    of anything but this cache.
-    """
-    try:
-        return "k_rev" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # a builtin without a signature: assume the old API
-        return False
-
-
-def _bidirectional_fftconv(x, k, D, k_rev):
-    """``fftconv(x, k, D)`` plus the anti-causal term ``sum_{s>=0} k_rev[h,s] x[t+s]``.
-
-    Uses fftconv's own ``k_rev`` when it has one (one FFT pair, spectrum
-    rfft(k) + conj(rfft(k_rev))). Otherwise the anti-causal term is a causal
-    convolution in reversed time: reversing x, convolving with k_rev and reversing back
-    gives ``sum_s k_rev[s] x[t+s]`` exactly, at the price of a second call.
-    """
-    fftconv = flashconv.fftconv
-    if _accepts_k_rev(fftconv):
-        return fftconv(x, k, D, k_rev=k_rev)
-    return fftconv(x, k, D) + fftconv(x.flip(-1), k_rev).flip(-1)
 
 
 def _check_input(u, d_model, ndim=3):
@@ -142,7 +113,8 @@ class S4D(nn.Module):
             x = x.to(torch.get_autocast_dtype(device_type))
         if k_rev is None:
             return flashconv.fftconv(x, k, self.D)
-        return _bidirectional_fftconv(x, k, self.D, k_rev)
+        # One call: fftconv multiplies by the spectrum rfft(k) + conj(rfft(k_rev)).
+        return flashconv.fftconv(x, k, self.D, k_rev=k_rev)
 
     def forward(self, u):
         """u (B, L, d_model) -> (B, L, d_model)."""
