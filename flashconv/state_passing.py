@@ -48,9 +48,9 @@ DEFAULT_CHUNK = 2048
 
 # Working-set budgets (elements). Passes 1 and 3 handle as many chunks at once as fit in
 # _GROUP_ELEMS real values per temporary (16 MB float32 on CPU: cache-friendly batches;
-# larger on CUDA, where fewer, bigger launches are what counts). The per-channel
-# Vandermonde matrices (m x T complex128 each) are built for as many channels at once as
-# fit in _VANDER_ELEMS, so a wide layer (H = 768) does not hold H*m*T values.
+# larger on CUDA, where fewer, bigger launches are what counts). The per-channel chunk
+# operators (a few T x m complex matrices) are built for as many channels at once as fit
+# in _VANDER_ELEMS, so a wide layer (H = 768) never holds H*m*T values.
 _GROUP_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 24}
 _VANDER_ELEMS = 1 << 20
 
@@ -268,8 +268,8 @@ def ssm_conv(u, dA, dB, C, D=None, *, chunk=None, state=None, return_state=False
     Returns:
         y (B, H, L) in u's dtype, or (y, state) with state (B, H, N/2) complex64
         (complex128 for float64 u). Computed in float32/complex64, or
-        float64/complex128 when u is float64 (the chunk powers dA^j are taken in complex128
-        either way). Differentiable with respect to u, dA, dB, C, D and state.
+        float64/complex128 when u is float64 (the chunk powers dA^j are built from
+        complex128 exponentials either way). Differentiable with respect to u, dA, dB, C, D and state.
 
     Raises:
         TypeError: u not a real floating tensor; dA, dB, C or state not complex; D not real.

@@ -39,6 +39,7 @@ from .blockfft import (
 )
 from .conv import causal_conv_direct, fftconv, fftconv_grads
 from .rounding import ROUNDINGS, round_bf16, round_fp16, round_fp32, round_to
+from .ssm import ssm_kernel, ssm_recurrence, state_passing
 
 __all__ = [
     "PRECISIONS",
@@ -66,7 +67,10 @@ __all__ = [
     "round_fp16",
     "round_fp32",
     "round_to",
+    "ssm_kernel",
+    "ssm_recurrence",
     "stage_shift",
+    "state_passing",
     "twiddles",
     "unpack_spectrum",
     "unpack_spectrum_monarch",

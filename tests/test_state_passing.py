@@ -21,10 +21,12 @@ from python_ref.ssm import ssm_kernel, ssm_recurrence, state_passing
 F64, C128 = torch.float64, torch.complex128
 
 
+def as_np(x):
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def rel_err(y, ref):
-    y = y.detach().to(ref.dtype if isinstance(ref, torch.Tensor) else None).numpy() \
-        if isinstance(y, torch.Tensor) else np.asarray(y)
-    ref = ref.detach().numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
+    y, ref = as_np(y), as_np(ref)
     den = np.linalg.norm(ref)
     return float(np.linalg.norm(y - ref) / (den if den > 0 else 1.0))
 
