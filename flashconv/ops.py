@@ -9,7 +9,8 @@ Dispatch, by the type and device of `u`:
 numpy.ndarray          the CPU engine (scipy.fft, flashconv/_cpu.py)
 torch.Tensor           the torch operator ``torch.ops.flashconv.fftconv`` (below), which
                        dispatches by device in _forward_impl / _backward_impl:
-  on CPU               the CPU engine through zero-copy numpy views (forward and backward)
+  on CPU               the CPU engine through zero-copy numpy views (forward and backward;
+                       a short kernel's forward by overlap-save blocks, flashconv/_overlap.py)
   on CUDA              the fused block-FFT kernel (flashconv._C) for float32, float16 and
                        bfloat16 where its FFT size fits on chip (bfloat16 L <= 16K,
                        float32/float16 L <= 8K), else torch.fft. Backward: the fused
@@ -53,7 +54,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from flashconv import _cpu, _ext
+from flashconv import _cpu, _ext, _overlap
 from flashconv.plan import fused_fft_size, monarch_perm
 
 try:
@@ -377,11 +378,21 @@ def _numpy_spectrum(k, k_rev, L, dtype):
     return _cpu.kernel_spectrum(k, L, n, dtype, k_rev), n, lk, lkr
 
 
+def _use_overlap_save(k, k_rev, L):
+    """Forward on the CPU by overlap-save blocks: a short time-domain kernel (cost model in
+    flashconv/_overlap.py: the total then grows as L log Lk, not L log L)."""
+    if isinstance(k, KernelSpectrum) or k_rev is not None or (_is_torch(k) and k.is_complex()):
+        return False
+    return _overlap.overlap_save_cheaper(L, min(int(k.shape[1]), L))
+
+
 def _fftconv_numpy(u, k, D, g_in, g_out, k_rev=None):
     dtype = np.float64 if u.dtype == np.float64 else np.float32
     B, H, L = u.shape
     if B * H * L == 0:
         return np.zeros(u.shape, u.dtype)
+    if _use_overlap_save(k, k_rev, L):
+        return _overlap.overlap_save(u, k, D, g_in, g_out)
     K, n, _, _ = _numpy_spectrum(k, k_rev, L, dtype)
     y = _cpu.conv_forward(u, K, n, D, g_in, g_out, dtype)
     return y.astype(u.dtype, copy=False)
@@ -626,6 +637,9 @@ def _forward_cpu(u, k, D, g_in, g_out, k_exponent, n, k_rev=None):
     B, H, L = u.shape
     if B * H * L == 0:
         return u.new_zeros(u.shape)
+    if _use_overlap_save(k, k_rev, L):
+        y = _overlap.overlap_save(*(_np_view(t, cdt) for t in (u, k, D, g_in, g_out)))
+        return torch.from_numpy(y).to(u.dtype)
     K, n, _, _ = _cpu_spectrum(k, k_exponent, n, L, cdt, k_rev)
     y = _cpu.conv_forward(_np_view(u, cdt), K, n, _np_view(D, cdt), _np_view(g_in, cdt),
                           _np_view(g_out, cdt), _np_dtype(cdt))

@@ -277,3 +277,19 @@ def test_bidirectional_gradcheck_and_spectrum():
         flashconv.fftconv(u, k, k_rev=k_rev[:1])
     with pytest.raises(TypeError, match="k_rev must be a real floating"):
         flashconv.fftconv(u, k, k_rev=k_rev.astype(np.complex64))
+
+
+def test_short_kernel_dispatches_to_overlap_save(monkeypatch):
+    from flashconv import _overlap
+    calls = []
+    real = _overlap.overlap_save
+    monkeypatch.setattr(_overlap, "overlap_save", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    rng = np.random.default_rng(1)
+    u, k, D, gi, go = make(rng, 1, 2, 8192, 8, gates=True)
+    assert _overlap.overlap_save_cheaper(8192, 8)
+    ref = causal_conv_direct(u, k, D, gi, go)
+    y = flashconv.fftconv(t(u, "float32"), t(k, "float32"), t(D, "float32"), g_in=t(gi, "float32"),
+                          g_out=t(go, "float32"))
+    check(y, ref, "float32", "overlap-save torch")
+    check(flashconv.fftconv(u, k, D, g_in=gi, g_out=go), ref, "float64", "overlap-save numpy")
+    assert len(calls) == 2
