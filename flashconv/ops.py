@@ -13,7 +13,8 @@ torch.Tensor           the torch operator ``torch.ops.flashconv.fftconv`` (below
                        a short kernel's forward by overlap-save blocks, flashconv/_overlap.py)
   on CUDA              the fused block-FFT kernel (flashconv._C) for float32, float16 and
                        bfloat16 where its FFT size fits on chip (bfloat16 L <= 16K,
-                       float32/float16 L <= 8K), else torch.fft. Backward: the fused
+                       float32/float16 L <= 8K); longer L: the two-level kernel
+                       (flashconv/_long.py, N = N1 * N2, up to L = 8M); else torch.fft. Backward: the fused
                        backward kernel (bfloat16 L <= 8K, float32/float16 L <= 4K), else
                        torch.fft.
   elsewhere            torch.fft, forward and backward
@@ -584,6 +585,11 @@ def _forward_impl(u, k, D, g_in, g_out, k_exponent, n, k_rev=None):
         return _forward_cpu(u, k, D, g_in, g_out, k_exponent, n, k_rev)
     if u.device.type == "cuda" and _fused_ok(u, k, k_exponent, n):
         return _fused_forward(u, k, D, g_in, g_out, k_exponent, k_rev)
+    if u.device.type == "cuda" and not k.is_complex() and _ext.cuda_device_count() > 0:
+        from flashconv import _long  # two-level fused FFT: L beyond the on-chip kernel
+
+        if _long.long_applies(u):
+            return _long.fftconv_long_forward(u, k, D, g_in, g_out, k_rev)
     return _forward_torch_fft(u, k, D, g_in, g_out, k_exponent, n, k_rev)
 
 

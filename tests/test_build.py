@@ -47,8 +47,9 @@ def test_ptxas_report_hot_kernels_do_not_spill():
     hot = [k for k in kernels if any(h in k.get("demangled", k["name"]) for h in _ext.HOT_KERNELS)]
     assert hot, "no hot kernel found in the ptxas report"
     for k in hot:
-        print("%-60s %s regs=%s stack=%d spills=%d/%d smem=%d" % (k.get("demangled", k["name"])[:60], k["arch"], k["stack"],
-              k["registers"], k["spill_stores"], k["spill_loads"], k["smem"]))
+        print("%-60s %s regs=%s stack=%d spills=%d/%d smem=%d" % (
+            k.get("demangled", k["name"])[:60], k["arch"], k["registers"], k["stack"],
+            k["spill_stores"], k["spill_loads"], k["smem"]))
         assert k["spill_stores"] == 0 and k["spill_loads"] == 0, "register spills in hot kernel %s" % k
         # A stack frame without spills is a register array indexed at run time: local memory.
         assert k["stack"] == 0, "local-memory stack frame in hot kernel %s" % k

@@ -22,6 +22,8 @@ cudaError_t fftconv_fwd(const FwdParams& p, int dtype, int num_sms, cudaStream_t
 int64_t fftconv_fwd_max_n(int dtype);
 cudaError_t fftconv_bwd(const BwdParams& p, int dtype, int num_sms, cudaStream_t stream);
 int64_t fftconv_bwd_max_n(int dtype);
+cudaError_t fftconv_long_fwd(const FwdParams& p, cf32* ws, int64_t N1, int64_t N2, int dtype,
+                             int num_sms, cudaStream_t stream);
 }
 
 namespace {
@@ -156,6 +158,25 @@ void fftconv_bwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t dy, uin
   });
 }
 
+// The two-level (long) forward convolution (fftconv_long.h): passes A, B, C on the caller's
+// stream. K: (H, N1, N2) complex64 in the two-level order (flashconv/_long.py long_spectrum);
+// ws: a (ceil(B/2), H, N1*N2) complex64 workspace on the same device.
+void fftconv_long_fwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t y, uintptr_t K,
+                      uintptr_t k_exp, uintptr_t D, uintptr_t ws, int64_t B, int64_t H, int64_t L,
+                      int64_t N1, int64_t N2, Strides u_s, Strides gi_s, Strides go_s, Strides y_s,
+                      int dtype, int device, uintptr_t stream) {
+  flashconv::FwdParams p{};
+  p.u = view(u, u_s), p.g_in = view(g_in, gi_s), p.g_out = view(g_out, go_s);
+  p.y = mut_view(y, y_s);
+  p.spec = {as_ptr<const flashconv::cf32*>(K), as_ptr<const int32_t*>(k_exp)};
+  p.D = as_ptr<const float*>(D);
+  p.B = B, p.H = H, p.L = L, p.N = N1 * N2;
+  run_kernel("fftconv_long_fwd", dtype, p.N, device, [&](int sms) {
+    return flashconv::fftconv_long_fwd(p, as_ptr<flashconv::cf32*>(ws), N1, N2, dtype, sms,
+                                       as_ptr<cudaStream_t>(stream));
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -184,4 +205,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("k_exp"), py::arg("D"), py::arg("B"), py::arg("H"), py::arg("L"), py::arg("N"),
         py::arg("u_strides"), py::arg("g_in_strides"), py::arg("g_out_strides"),
         py::arg("y_strides"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("fftconv_long_fwd", &fftconv_long_fwd,
+        "Two-level block-FFT convolution forward for long L (see flashconv/_long.py).",
+        py::arg("u"), py::arg("g_in"), py::arg("g_out"), py::arg("y"), py::arg("K"),
+        py::arg("k_exp"), py::arg("D"), py::arg("ws"), py::arg("B"), py::arg("H"), py::arg("L"),
+        py::arg("N1"), py::arg("N2"), py::arg("u_strides"), py::arg("g_in_strides"),
+        py::arg("g_out_strides"), py::arg("y_strides"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream"));
 }

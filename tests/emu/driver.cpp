@@ -34,6 +34,7 @@
 
 #include "flashconv/fftconv_bwd.h"
 #include "flashconv/fftconv_fwd.h"
+#include "flashconv/fftconv_long.h"
 #include "flashconv/hw.h"
 #include "kernels.h"
 
@@ -281,7 +282,44 @@ hw::Error fftconv_bwd(Io& io) {
   return flashconv::fftconv_bwd_launch<T>(p, int(param_or(io, "num_sms", 1)), nullptr);
 }
 
+// The two-level (long) forward convolution (fftconv_long.h): dense u (B, H, L) of the io
+// dtype, K (H, N1, N2, 2) float32 in the two-level order, k_exp (H,) int32, D when has_D=1,
+// dense gates when has_gates=1; params B H L N1 N2 [C] [num_sms]. Output y (B, H, L).
+template <class T>
+hw::Error fftconv_long(Io& io) {
+  flashconv::LongParams p{};
+  p.B = io.param("B"), p.H = io.param("H"), p.L = io.param("L");
+  p.N1 = io.param("N1"), p.N2 = io.param("N2"), p.N = p.N1 * p.N2, p.C = param_or(io, "C", 0);
+  auto u = io.in<T>("u");
+  auto K = io.in<float>("K");
+  auto k_exp = io.in<int32_t>("k_exp");
+  p.u = {u.ptr(), p.H * p.L, p.L, 1};
+  p.spec = {reinterpret_cast<const flashconv::cf32*>(K.ptr()), k_exp.ptr()};
+  Array<float> D;
+  Array<T> gi, go;
+  if (param_or(io, "has_D", 0)) {
+    D = io.in<float>("D");
+    p.D = D.ptr();
+  }
+  if (param_or(io, "has_gates", 0)) {
+    gi = io.in<T>("g_in");
+    go = io.in<T>("g_out");
+    p.g_in = {gi.ptr(), p.H * p.L, p.L, 1};
+    p.g_out = {go.ptr(), p.H * p.L, p.L, 1};
+  }
+  // NaN-filled like uninitialised device memory: a value pass A never writes stands out.
+  std::vector<flashconv::cf32> ws(size_t(flashconv::long_workspace_elems(p.B, p.H, p.N)),
+                                  flashconv::cf32{std::nanf(""), std::nanf("")});
+  p.ws = ws.data();
+  auto& y = io.out<T>("y", {size_t(p.B), size_t(p.H), size_t(p.L)});
+  p.y = dense3(y.ptr(), p.H, p.L);
+  return flashconv::fftconv_long_launch<T>(p, int(param_or(io, "num_sms", 1)), nullptr);
+}
+
 const std::map<std::string, Case> cases = {
+    {"fftconv_long_f32", fftconv_long<float>},
+    {"fftconv_long_f16", fftconv_long<hw::half_t>},
+    {"fftconv_long_bf16", fftconv_long<hw::bf16_t>},
     {"fftconv_bwd_f32", fftconv_bwd<float>},
     {"fftconv_bwd_f16", fftconv_bwd<hw::half_t>},
     {"fftconv_bwd_bf16", fftconv_bwd<hw::bf16_t>},
