@@ -638,11 +638,24 @@ def _cpu_spectrum(k, k_exponent, n, L, cdt, k_rev=None):
     return K, n, lk, lkr
 
 
+# From this FFT length on, torch's own CPU FFT (MKL in the x86 wheels; it parallelises
+# inside one long transform) beat the scipy engine on this project's 2-core machines
+# (bench/results/sweep_2026-11-23_cpu_*.json: 0.62-0.85x at L = 64K-256K with scipy).
+_TORCH_FFT_MIN_N = 1 << 17
+
+
+def _long_cpu_row(u, k):
+    return (not k.is_complex() and u.shape[-1] * 2 >= _TORCH_FFT_MIN_N
+            and torch.backends.mkl.is_available())
+
+
 def _forward_cpu(u, k, D, g_in, g_out, k_exponent, n, k_rev=None):
     cdt = _compute_dtype(u)
     B, H, L = u.shape
     if B * H * L == 0:
         return u.new_zeros(u.shape)
+    if _long_cpu_row(u, k):
+        return _forward_torch_fft(u, k, D, g_in, g_out, k_exponent, n, k_rev)
     if _use_overlap_save(k, k_rev, L):
         y = _overlap.overlap_save(*(_np_view(t, cdt) for t in (u, k, D, g_in, g_out)))
         return torch.from_numpy(y).to(u.dtype)
@@ -657,6 +670,8 @@ def _backward_cpu(dy, u, k, D, g_in, g_out, k_exponent, n, mask, k_rev=None):
     B, H, L = u.shape
     if B * H * L == 0:
         return _zero_grads(u, k, D, g_in, g_out, mask, k_rev)
+    if _long_cpu_row(u, k):
+        return _backward_torch_fft(dy, u, k, D, g_in, g_out, k_exponent, n, mask, k_rev)
     cdt = _compute_dtype(u)
     # K is recomputed from k (H FFTs, against the B*H of the backward itself) rather than
     # saved by the forward: the operator's only output is y.
