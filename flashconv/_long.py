@@ -8,17 +8,16 @@ N = N1 * N2 (DESIGN.md section 3, "Sizes" (a); kernels in cuda/include/flashconv
   pass C  times conj(w_N^(k1 n2)), inverse outer DFT along k1, t < L only, + D x, gates.
 
 K[h, p1, p2] = FFT_N(k)[perm(N1)[p1] + N1 * perm(N2)[p2]] * 2^-k_exp[h] (long_spectrum), where
-perm(n) is the Monarch order of block_fft.h's plan for n (flashconv.plan.monarch_perm for
-n >= 32, and defined here for the small outer factors too).
+perm(n) = flashconv.plan.monarch_perm(n), the Monarch order of block_fft.h's plan for n
+(any power of two, small outer factors included).
 
 Entry points: two_level_plan(L), long_spectrum(k, L, N1, N2), fftconv_long_forward(u, k, D,
 g_in, g_out) (CUDA torch tensors), two_level_reference(...) (numpy mirror of the passes).
 """
-import functools
 
 import numpy as np
 
-from flashconv.plan import fused_fft_size
+from flashconv.plan import fused_fft_size, monarch_perm
 
 # Largest inner size per io dtype: the fused kernel's on-chip sizes (fftconv_fwd.h kMaxFusedN):
 # fp16 storage (4 bytes per complex) for bf16, fp32 storage (8 bytes) otherwise.
@@ -39,36 +38,10 @@ def two_level_plan(L, max_n2=32768, n2=None):
     return N, N // N2, N2
 
 
-def _radices(n):
-    """block_fft.h's make_plan for a power of two n >= 2: radix-16 stages, then r in 2, 4, 8."""
-    if n < 2 or n & (n - 1):
-        raise ValueError("_radices: n must be a power of two >= 2, got %r" % (n,))
-    radices = []
-    while n >= 16:
-        radices.append(16)
-        n //= 16
-    if n > 1:
-        radices.append(n)
-    return tuple(radices)
-
-
-@functools.lru_cache(maxsize=64)
-def perm(n):
-    """int64 array: position i of the block FFT of size n holds natural frequency perm(n)[i]."""
-    radices = _radices(n)
-    digits = np.indices(radices).reshape(len(radices), -1)
-    freq = np.zeros(n, np.int64)
-    weight = 1
-    for j, r in enumerate(radices):
-        freq += digits[j] * weight
-        weight *= r
-    freq.setflags(write=False)
-    return freq
-
-
 def long_order(N1, N2):
-    """(N1 * N2,) int64: flat position p1 * N2 + p2 of K holds frequency perm(N1)[p1] + N1 perm(N2)[p2]."""
-    return (perm(N1)[:, None] + N1 * perm(N2)[None, :]).reshape(-1)
+    """(N1 * N2,) int64: flat position p1 * N2 + p2 of K holds frequency
+    monarch_perm(N1)[p1] + N1 * monarch_perm(N2)[p2]."""
+    return (monarch_perm(N1)[:, None] + N1 * monarch_perm(N2)[None, :]).reshape(-1)
 
 
 def long_spectrum(k, L, N1, N2, k_rev=None):
@@ -115,7 +88,7 @@ def two_level_reference(u, k, D=None, g_in=None, g_out=None, N1=None, N2=None, k
     z[..., :L] = x[0::2] + 1j * x[1::2]
     K, kexp = spectrum if spectrum is not None else long_spectrum(k, L, N1, N2, k_rev)
     K = np.asarray(K, np.complex128).reshape(H, N1, N2)
-    p1, p2 = perm(N1), perm(N2)
+    p1, p2 = monarch_perm(N1), monarch_perm(N2)
     k1 = p1[:, None].astype(np.float64)
     n2 = np.arange(N2)[None, :]
     tw = np.exp(-2j * np.pi * k1 * n2 / N)  # w_N^(k1 n2), rows in Monarch order p1

@@ -20,9 +20,10 @@ def fused_fft_size(L):
 
 
 def fft_plan(N):
-    """Radices of the plan for a power of two N >= 32, first stage first."""
-    if N < 32 or N & (N - 1):
-        raise ValueError("fft_plan: N must be a power of two >= 32, got %r" % (N,))
+    """Radices of the plan for a power of two N >= 2, first stage first (the fused kernel
+    uses N >= 32; the two-level kernel's outer factor may be smaller)."""
+    if N < 2 or N & (N - 1):
+        raise ValueError("fft_plan: N must be a power of two >= 2, got %r" % (N,))
     radices = []
     while N >= 16:
         radices.append(16)
@@ -32,7 +33,7 @@ def fft_plan(N):
     return tuple(radices)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=64)
 def monarch_perm(N):
     """int64 array p: position i of the forward block FFT holds natural frequency p[i].
 

@@ -7,7 +7,7 @@ error <= 2x the io-dtype rounding floor of the exact result + a small float32 te
 import numpy as np
 import pytest
 
-from flashconv._long import long_order, long_spectrum, perm, two_level_plan, two_level_reference
+from flashconv._long import long_order, long_spectrum, two_level_plan, two_level_reference
 from flashconv.plan import monarch_perm
 from python_ref.conv import fftconv as ref_fftconv
 from python_ref.rounding import round_bf16
@@ -49,8 +49,8 @@ def check(y, ref, dtype, what):
 
 
 def test_orders():
-    for n in (32, 64, 128, 256, 512, 4096, 8192):
-        assert (perm(n) == monarch_perm(n)).all()
+    for n in (2, 4, 8, 16):  # one stage: the outer factors' order is natural
+        assert (monarch_perm(n) == np.arange(n)).all()
     for n1, n2 in ((2, 16), (8, 128), (16, 256), (32, 64)):
         assert sorted(long_order(n1, n2)) == list(range(n1 * n2))
     # For N1 a power of 16, the two-level order is the one-level Monarch order.

@@ -105,38 +105,24 @@ FC_GLOBAL void fftconv_bwd_kernel(BwdParams p) {
       const float undo_dx = ldexpf(1.f, edz + kexp + trip);
       block_fft_inverse(A, N, plan, F, &overflow, [&](int64_t t, float re, float im) {
         if (t >= L) return;
-        FC_UNROLL
-        for (int j = 0; j < 2; ++j) {
-          const int64_t b = b0 + j;
-          if (b >= p.B) break;
-          float dx = (j ? im : re) * undo_dx;
-          if (p.D) dx += d * dz_at(b, t);
+        each_row(b0, p.B, re, im, [&](int64_t b, float v) {
+          const float dx = v * undo_dx + (p.D ? d * dz_at(b, t) : 0.f);
           store<T>(p.du, b, h, t, gated<T>(dx, p.g_in, b, h, t));
           if (p.dg_in.p) store<T>(p.dg_in, b, h, t, dx * load<T>(p.u, b, h, t));
-        }
+        });
       });
       // 5. dg_out = dy z, z = IFFT(FFT(x) K) + D x  (A is free again)
       if (p.dg_out.p) {
         load_pair(A, N, L, p.B, b0, ldexpf(1.f, -ex), &overflow, x_at);
         block_fft_forward(A, N, plan, F, &overflow);
-        for (int64_t i = hw::thread_idx(); i < N; i += hw::block_dim()) {
-          float re, im;
-          load_c(A[i], re, im);
-          cmul(re, im, K[i].re, K[i].im);
-          store_c(A[i], re, im, &overflow);
-        }
-        hw::sync_block();
+        multiply_spectrum(A, K, N, false, &overflow);
         const float undo_z = ldexpf(1.f, ex + kexp + trip);
         block_fft_inverse(A, N, plan, F, &overflow, [&](int64_t t, float re, float im) {
           if (t >= L) return;
-          FC_UNROLL
-          for (int j = 0; j < 2; ++j) {
-            const int64_t b = b0 + j;
-            if (b >= p.B) break;
-            float z = (j ? im : re) * undo_z;
-            if (p.D) z += d * x_at(b, t);
+          each_row(b0, p.B, re, im, [&](int64_t b, float v) {
+            const float z = v * undo_z + (p.D ? d * x_at(b, t) : 0.f);
             store<T>(p.dg_out, b, h, t, z * load<T>(p.dy, b, h, t));
-          }
+          });
         });
       }
       // 6. the pair's dk (and dk_rev) contribution, kept as floats in B's slots until

@@ -87,18 +87,42 @@ FC_DEVICE void load_pair(S* buf, int64_t N, int64_t L, int64_t B, int64_t b0, fl
   hw::sync_block();
 }
 
-// Grid (H, pair groups): enough CTAs per channel to fill `num_sms` SMs about 4 times over,
-// each CTA looping over its pairs (K and the DFT fragments loaded once per CTA).
-FC_HOST_DEVICE hw::Grid pair_grid(int64_t B, int64_t H, int num_sms) {
-  const int64_t pairs = (B + 1) / 2;
+// X = X * K (or * conj(K)) over a row of N in shared memory, both in Monarch order, in
+// fp32 registers; then a barrier.
+template <class S>
+FC_DEVICE void multiply_spectrum(S* buf, const cf32* K, int64_t N, bool conj_k, int* overflow) {
+  for (int64_t i = hw::thread_idx(); i < N; i += hw::block_dim()) {
+    float re, im;
+    load_c(buf[i], re, im);
+    cmul(re, im, K[i].re, conj_k ? -K[i].im : K[i].im);
+    store_c(buf[i], re, im, overflow);
+  }
+  hw::sync_block();
+}
+
+// f(b, value) for the packed pair's rows that exist: b0 (re) and b0 + 1 (im) when < B.
+template <class F>
+FC_DEVICE void each_row(int64_t b0, int64_t B, float re, float im, const F& f) {
+  f(b0, re);
+  if (b0 + 1 < B) f(b0 + 1, im);
+}
+
+// Grid (H, work items per channel): enough CTAs per channel to fill `num_sms` SMs about 4
+// times over, each CTA looping over its items (K and the DFT fragments loaded once per CTA).
+FC_HOST_DEVICE hw::Grid channel_grid(int64_t H, int64_t items, int num_sms) {
   int64_t want = (4 * int64_t(num_sms) + H - 1) / H;
-  if (want > pairs) want = pairs;
+  if (want > items) want = items;
   if (want > 65535) want = 65535;
   if (want < 1) want = 1;
   hw::Grid g;
   g.x = int(H);
   g.y = int(want);
   return g;
+}
+
+// The pair kernels' grid: items are pairs of batch rows.
+FC_HOST_DEVICE hw::Grid pair_grid(int64_t B, int64_t H, int num_sms) {
+  return channel_grid(H, (B + 1) / 2, num_sms);
 }
 
 }  // namespace flashconv

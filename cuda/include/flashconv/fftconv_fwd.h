@@ -75,26 +75,16 @@ FC_GLOBAL void fftconv_fwd_kernel(FwdParams p) {
       // 3. forward stages: X = F16 @ X; X = X * tw
       block_fft_forward(buf, N, plan, F, &overflow);
       // 4. X = X * K (both in Monarch order)
-      const cf32* K = p.spec.K + h * N;
-      for (int64_t i = hw::thread_idx(); i < N; i += hw::block_dim()) {
-        float re, im;
-        load_c(buf[i], re, im);
-        cmul(re, im, K[i].re, K[i].im);
-        store_c(buf[i], re, im, &overflow);
-      }
-      hw::sync_block();
+      multiply_spectrum(buf, p.spec.K + h * N, N, false, &overflow);
       // 5. inverse stages; the last writes y = g_out * (conv + D x) for t < L
       const float undo = ldexpf(1.f, e + undo_exp);
       block_fft_inverse(buf, N, plan, F, &overflow, [&](int64_t t, float re, float im) {
         if (t >= L) return;  // the discarded half
-        FC_UNROLL
-        for (int j = 0; j < 2; ++j) {
-          const int64_t b = b0 + j;
-          if (b >= p.B) break;
-          float y = (j ? im : re) * undo;
+        each_row(b0, p.B, re, im, [&](int64_t b, float conv) {
+          float y = conv * undo;
           if (p.D) y += d * x_at(b, t);
           store<T>(p.y, b, h, t, gated<T>(y, p.g_out, b, h, t));
-        }
+        });
       });
       // An overflowed fp16 store was clamped: redo the pair at a smaller scale.
       const bool any_overflow = block_reduce<false>(float(overflow), red) > 0.f;

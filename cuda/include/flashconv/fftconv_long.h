@@ -262,13 +262,7 @@ FC_GLOBAL void fftconv_long_inner_kernel(LongParams p) {
       }
       hw::sync_block();
       inner_forward(buf, N2, plan, F, &overflow);
-      for (int64_t i = hw::thread_idx(); i < N2; i += hw::block_dim()) {
-        float re, im;
-        load_c(buf[i], re, im);
-        cmul(re, im, K[i].re, K[i].im);
-        store_c(buf[i], re, im, &overflow);
-      }
-      hw::sync_block();
+      multiply_spectrum(buf, K, N2, false, &overflow);
       inner_inverse_but_last(buf, N2, plan, F, &overflow);
       if (Gains<S>::kScaled) {  // an overflowed fp16 store was clamped: redo the row
         const bool any_overflow = block_reduce<false>(float(overflow), red) > 0.f;
@@ -331,17 +325,6 @@ FC_HOST_DEVICE int64_t long_tile_cols(int64_t N1, int64_t N2) {
   return C > N2 ? N2 : C;
 }
 
-// Grid (H, work items): enough CTAs per channel to fill num_sms SMs about 4 times over.
-FC_HOST_DEVICE hw::Grid long_grid(int64_t H, int64_t items, int num_sms) {
-  int64_t want = (4 * int64_t(num_sms) + H - 1) / H;
-  if (want > items) want = items;
-  if (want > 65535) want = 65535;
-  if (want < 1) want = 1;
-  hw::Grid g;
-  g.x = int(H);
-  g.y = int(want);
-  return g;
-}
 
 // Workspace elements (cf32) the launcher needs: ceil(B/2) * H * N.
 FC_HOST_DEVICE int64_t long_workspace_elems(int64_t B, int64_t H, int64_t N) {
@@ -362,13 +345,13 @@ hw::Error fftconv_long_launch(LongParams p, int num_sms, hw::Stream stream) {
   if (!p.ws || !p.spec.K || !p.spec.k_exp) return hw::ErrorInvalidValue;
   const int64_t pairs = (p.B + 1) / 2;
   const size_t tile_bytes = size_t(p.N1 * p.C) * sizeof(cf32);
-  hw::Error e = hw::launch(fftconv_long_outer_fwd_kernel<T>, long_grid(p.H, pairs * (p.N2 / p.C), num_sms),
+  hw::Error e = hw::launch(fftconv_long_outer_fwd_kernel<T>, channel_grid(p.H, pairs * (p.N2 / p.C), num_sms),
                            kThreads, tile_bytes, stream, p);
   if (e != hw::Success) return e;
-  e = hw::launch(fftconv_long_inner_kernel<T>, long_grid(p.H, pairs * p.N1, num_sms), kThreads,
+  e = hw::launch(fftconv_long_inner_kernel<T>, channel_grid(p.H, pairs * p.N1, num_sms), kThreads,
                  size_t(p.N2) * sizeof(StorageFor<T>), stream, p);
   if (e != hw::Success) return e;
-  return hw::launch(fftconv_long_outer_inv_kernel<T>, long_grid(p.H, pairs * (p.N2 / p.C), num_sms),
+  return hw::launch(fftconv_long_outer_inv_kernel<T>, channel_grid(p.H, pairs * (p.N2 / p.C), num_sms),
                     kThreads, tile_bytes, stream, p);
 }
 
