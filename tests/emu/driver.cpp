@@ -205,6 +205,33 @@ flashconv::View3 view3(const Io& io, const void* p, const std::string& name) {
 
 flashconv::MutView3 dense3(void* p, int64_t H, int64_t L) { return {p, H * L, L, 1}; }
 
+// The optional inputs every fftconv case shares: D (when has_D=1) and the two gates (when
+// has_gates=1), which are viewed with u's strides (params u_sb, u_sh, u_st when given,
+// else dense (B, H, L)). The arrays live as long as this object.
+template <class T>
+struct Optional {
+  Array<float> D;
+  Array<T> gi, go;
+  const float* D_ptr = nullptr;
+  flashconv::View3 g_in{}, g_out{};
+  bool gates = false;
+
+  Optional(const Io& io, int64_t H, int64_t L) {
+    if (param_or(io, "has_D", 0)) {
+      D = io.in<float>("D");
+      D_ptr = D.ptr();
+    }
+    gates = param_or(io, "has_gates", 0) != 0;
+    if (gates) {
+      gi = io.in<T>("g_in");
+      go = io.in<T>("g_out");
+      const bool strided = io.params.count("u_sb") != 0;
+      g_in = strided ? view3(io, gi.ptr(), "u") : flashconv::View3{gi.ptr(), H * L, L, 1};
+      g_out = strided ? view3(io, go.ptr(), "u") : flashconv::View3{go.ptr(), H * L, L, 1};
+    }
+  }
+};
+
 // The fused forward kernel. u (and the gates, when has_gates=1, sharing u's strides): flat
 // buffers of the io dtype viewed through B, H, L and u_sb/u_sh/u_st; D when has_D=1.
 // K: (H, N, 2) float32, k_exp: (H,) int32. Output y: (B, H, L). num_sms sizes the grid like
@@ -218,18 +245,8 @@ hw::Error fftconv_fwd(Io& io) {
   auto k_exp = io.in<int32_t>("k_exp");
   p.u = view3(io, u.ptr(), "u");
   p.spec = {reinterpret_cast<const flashconv::cf32*>(K.ptr()), k_exp.ptr()};
-  Array<float> D;
-  Array<T> gi, go;
-  if (param_or(io, "has_D", 0)) {
-    D = io.in<float>("D");
-    p.D = D.ptr();
-  }
-  if (param_or(io, "has_gates", 0)) {
-    gi = io.in<T>("g_in");
-    go = io.in<T>("g_out");
-    p.g_in = view3(io, gi.ptr(), "u");
-    p.g_out = view3(io, go.ptr(), "u");
-  }
+  const Optional<T> opt(io, p.H, p.L);
+  p.D = opt.D_ptr, p.g_in = opt.g_in, p.g_out = opt.g_out;
   auto& y = io.out<T>("y", {size_t(p.B), size_t(p.H), size_t(p.L)});
   p.y = dense3(y.ptr(), p.H, p.L);
   return flashconv::fftconv_fwd_launch<T>(p, int(param_or(io, "num_sms", 1)), nullptr);
@@ -256,11 +273,9 @@ hw::Error fftconv_bwd(Io& io) {
   auto& dk = io.out<float>("dk", {size_t(p.H), size_t(p.lk)});
   std::fill(dk.data.begin(), dk.data.end(), 0.f);  // accumulated into
   p.dk = dk.ptr();
-  Array<float> D;
-  Array<T> gi, go;
-  if (param_or(io, "has_D", 0)) {
-    D = io.in<float>("D");
-    p.D = D.ptr();
+  const Optional<T> opt(io, p.H, p.L);
+  p.D = opt.D_ptr, p.g_in = opt.g_in, p.g_out = opt.g_out;
+  if (p.D) {
     auto& dD = io.out<float>("dD", {size_t(p.H)});
     std::fill(dD.data.begin(), dD.data.end(), 0.f);
     p.dD = dD.ptr();
@@ -271,11 +286,7 @@ hw::Error fftconv_bwd(Io& io) {
     std::fill(dk_rev.data.begin(), dk_rev.data.end(), 0.f);
     p.dk_rev = dk_rev.ptr();
   }
-  if (param_or(io, "has_gates", 0)) {
-    gi = io.in<T>("g_in");
-    go = io.in<T>("g_out");
-    p.g_in = view3(io, gi.ptr(), "u");
-    p.g_out = view3(io, go.ptr(), "u");
+  if (opt.gates) {
     p.dg_in = dense3(io.out<T>("dg_in", bhl).ptr(), p.H, p.L);
     p.dg_out = dense3(io.out<T>("dg_out", bhl).ptr(), p.H, p.L);
   }
@@ -295,18 +306,8 @@ hw::Error fftconv_long(Io& io) {
   auto k_exp = io.in<int32_t>("k_exp");
   p.u = {u.ptr(), p.H * p.L, p.L, 1};
   p.spec = {reinterpret_cast<const flashconv::cf32*>(K.ptr()), k_exp.ptr()};
-  Array<float> D;
-  Array<T> gi, go;
-  if (param_or(io, "has_D", 0)) {
-    D = io.in<float>("D");
-    p.D = D.ptr();
-  }
-  if (param_or(io, "has_gates", 0)) {
-    gi = io.in<T>("g_in");
-    go = io.in<T>("g_out");
-    p.g_in = {gi.ptr(), p.H * p.L, p.L, 1};
-    p.g_out = {go.ptr(), p.H * p.L, p.L, 1};
-  }
+  const Optional<T> opt(io, p.H, p.L);
+  p.D = opt.D_ptr, p.g_in = opt.g_in, p.g_out = opt.g_out;
   // NaN-filled like uninitialised device memory: a value pass A never writes stands out.
   std::vector<flashconv::cf32> ws(size_t(flashconv::long_workspace_elems(p.B, p.H, p.N)),
                                   flashconv::cf32{std::nanf(""), std::nanf("")});
