@@ -37,12 +37,19 @@ sys.path.insert(0, str(ROOT))
 import flashconv  # noqa: E402
 from flashconv.reference import fftconv_ref, scipy_fftconv  # noqa: E402
 
-# CPU shapes: every power of two L from 256 to 256K at about 2M elements (B*H*L), plus the
-# shapes the CPU-speed issue quotes.
-CPU_SHAPES = [(max(1, (1 << 21) // (64 * L)), 64, L) for L in (256, 512, 1024, 2048, 4096, 8192, 16384)]
-CPU_SHAPES += [(1, 32, 65536), (1, 16, 131072), (1, 8, 262144)]
-CPU_SHAPES += [(8, 64, 1024), (8, 64, 4096), (4, 64, 16384), (1, 16, 262144)]
-CPU_QUICK = [(2, 8, 256), (1, 4, 4096)]
+# CPU shapes (B, H, L, dtype, set): every power of two L from 256 to 256K at about 2M
+# elements (B*H*L) in float32 (set "sweep": the plotted series), then the shapes the
+# CPU-speed issue quotes and a few float64 / bfloat16 ones (set "extra": table only).
+CPU_SHAPES = [(max(1, (1 << 21) // (64 * L)), 64, L, "float32", "sweep")
+              for L in (256, 512, 1024, 2048, 4096, 8192, 16384)]
+CPU_SHAPES += [(1, 32, 65536, "float32", "sweep"), (1, 16, 131072, "float32", "sweep"),
+               (1, 8, 262144, "float32", "sweep")]
+CPU_SHAPES += [(B, H, L, "float32", "extra") for B, H, L in
+               ((8, 64, 1024), (8, 64, 4096), (4, 64, 16384), (1, 16, 262144))]
+CPU_SHAPES += [(B, H, L, dt, "extra") for dt in ("float64", "bfloat16")
+               for B, H, L in ((8, 64, 1024), (2, 64, 16384))]
+CPU_QUICK = [(2, 8, 256, "float32", "sweep"), (1, 4, 4096, "float32", "sweep"),
+             (1, 4, 512, "bfloat16", "extra")]
 
 GPU_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
 GPU_BATCHES = [16, 64]
@@ -71,16 +78,26 @@ def cpu_name():
     return platform.processor() or "unknown"
 
 
-def time_cpu(fn, min_reps=5, min_time=0.3):
-    """Median wall time (s) of fn() after one warm-up call."""
-    fn()
-    times = []
+def time_cpu(fns, min_rounds=7, min_time=0.5, max_rounds=40):
+    """Wall times (s) of several functions of the same inputs, interleaved: after one
+    warm-up call each, round after round, every function once per round (in a rotating
+    order), until min_rounds rounds and min_time seconds. The host is shared and its speed
+    drifts by tens of percent over seconds; interleaving exposes every function to the same
+    drift, so their ratios hold up where separately timed medians do not.
+    Returns {name: {"median": s, "min": s}}."""
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    times = {name: [] for name in names}
     t_end = time.perf_counter() + min_time
-    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < 50):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    r = 0
+    while r < min_rounds or (time.perf_counter() < t_end and r < max_rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+        r += 1
+    return {name: {"median": statistics.median(ts), "min": min(ts)} for name, ts in times.items()}
 
 
 def time_gpu(fn, reps=20, warmup=3):
@@ -123,49 +140,77 @@ def _hms(seconds):
 
 
 def cpu_section(shapes):
+    """Forward and forward+backward timings of flashconv's CPU path, the torch.fft
+    fftconv_ref and the scipy pipeline on the same inputs. Half-precision inputs: the
+    baselines (torch.fft has no CPU bfloat16 transform, numpy no bfloat16) convert to
+    float32 first and back after, inside the timed call, as a user of them would."""
     rows = []
     torch.manual_seed(0)
     progress = Progress(len(shapes))
-    for B, H, L in shapes:
-        u = torch.randn(B, H, L)
-        k = torch.randn(H, L) / L ** 0.5
-        D = torch.randn(H)
-        un, kn, Dn = u.numpy(), k.numpy(), D.numpy()
-        r = {"B": B, "H": H, "L": L, "dtype": "float32"}
-        r["flashconv_s"] = time_cpu(lambda: flashconv.fftconv(u, k, D))
-        r["torch_ref_s"] = time_cpu(lambda: fftconv_ref(u, k, D))
-        r["scipy_s"] = time_cpu(lambda: scipy_fftconv(un, kn, Dn))
+    for B, H, L, dtype, group in shapes:
+        tdt = getattr(torch, dtype)
+        u = torch.randn(B, H, L).to(tdt)
+        k = (torch.randn(H, L) / L ** 0.5).to(tdt)
+        D = torch.randn(H).to(tdt)
+        half = dtype in ("float16", "bfloat16")
+        if half:
+            def ref(u_, k_, D_):
+                return fftconv_ref(u_.float(), k_.float(), D_.float()).to(u_.dtype)
+
+            def scipy_ref():
+                return torch.from_numpy(scipy_fftconv(u.float().numpy(), k.float().numpy(),
+                                                      D.float().numpy())).to(tdt)
+        else:
+            ref = fftconv_ref
+            un, kn, Dn = u.numpy(), k.numpy(), D.numpy()
+
+            def scipy_ref():
+                return scipy_fftconv(un, kn, Dn)
+        r = {"B": B, "H": H, "L": L, "dtype": dtype, "set": group}
+        fwd = time_cpu({"flashconv": lambda: flashconv.fftconv(u, k, D),
+                        "torch_ref": lambda: ref(u, k, D),
+                        "scipy": scipy_ref})
+        for name, t in fwd.items():
+            r[name + "_s"], r[name + "_min_s"] = t["median"], t["min"]
         r["speedup_vs_torch_ref"] = r["torch_ref_s"] / r["flashconv_s"]
         r["speedup_vs_best_baseline"] = min(r["torch_ref_s"], r["scipy_s"]) / r["flashconv_s"]
+        r["speedup_vs_best_baseline_min"] = (min(r["torch_ref_min_s"], r["scipy_min_s"])
+                                             / r["flashconv_min_s"])
 
         # Forward + backward: autograd through each implementation, grads for u, k and D.
         ug, kg, Dg = (t.clone().requires_grad_() for t in (u, k, D))
-        dy = torch.randn(B, H, L)
+        dy = torch.randn(B, H, L).to(tdt)
 
         def fb(fn):
             def run():
                 ug.grad = kg.grad = Dg.grad = None
                 fn(ug, kg, Dg).backward(dy)
             return run
-        r["flashconv_fwdbwd_s"] = time_cpu(fb(flashconv.fftconv), min_reps=3)
-        r["torch_ref_fwdbwd_s"] = time_cpu(fb(fftconv_ref), min_reps=3)
+        fb_t = time_cpu({"flashconv": fb(flashconv.fftconv), "torch_ref": fb(ref)},
+                        min_rounds=5)
+        for name, t in fb_t.items():
+            r[name + "_fwdbwd_s"], r[name + "_fwdbwd_min_s"] = t["median"], t["min"]
         r["fwdbwd_speedup_vs_torch_ref"] = r["torch_ref_fwdbwd_s"] / r["flashconv_fwdbwd_s"]
         rows.append(r)
-        progress("cpu B=%d H=%d L=%d: flashconv %.2f ms, torch ref %.2f ms, scipy %.2f ms"
-                 % (B, H, L, r["flashconv_s"] * 1e3, r["torch_ref_s"] * 1e3, r["scipy_s"] * 1e3))
+        progress("cpu B=%d H=%d L=%d %s: flashconv %.2f ms, torch ref %.2f ms, scipy %.2f ms"
+                 % (B, H, L, dtype, r["flashconv_s"] * 1e3, r["torch_ref_s"] * 1e3,
+                    r["scipy_s"] * 1e3))
     return rows
 
 
 def print_cpu_table(rows):
-    print("\nCPU forward (float32; ms, median) and forward+backward")
-    hdr = "%4s %4s %7s | %9s %9s %9s | %7s %7s | %9s %9s %7s" % (
-        "B", "H", "L", "flashconv", "torch_ref", "scipy", "x_ref", "x_best", "fb_flash", "fb_ref", "fb_x")
+    print("\nCPU forward (ms, median of interleaved runs) and forward+backward; x_best: the"
+          " faster baseline / flashconv, by medians and by minima")
+    hdr = "%4s %4s %7s %8s | %9s %9s %9s | %6s %6s %8s | %9s %9s %6s" % (
+        "B", "H", "L", "dtype", "flashconv", "torch_ref", "scipy", "x_ref", "x_best", "x_best_mn",
+        "fb_flash", "fb_ref", "fb_x")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print("%4d %4d %7d | %9.2f %9.2f %9.2f | %7.2f %7.2f | %9.2f %9.2f %7.2f" % (
-            r["B"], r["H"], r["L"], r["flashconv_s"] * 1e3, r["torch_ref_s"] * 1e3, r["scipy_s"] * 1e3,
-            r["speedup_vs_torch_ref"], r["speedup_vs_best_baseline"], r["flashconv_fwdbwd_s"] * 1e3,
+        print("%4d %4d %7d %8s | %9.2f %9.2f %9.2f | %6.2f %6.2f %8.2f | %9.2f %9.2f %6.2f" % (
+            r["B"], r["H"], r["L"], r["dtype"], r["flashconv_s"] * 1e3, r["torch_ref_s"] * 1e3,
+            r["scipy_s"] * 1e3, r["speedup_vs_torch_ref"], r["speedup_vs_best_baseline"],
+            r["speedup_vs_best_baseline_min"], r["flashconv_fwdbwd_s"] * 1e3,
             r["torch_ref_fwdbwd_s"] * 1e3, r["fwdbwd_speedup_vs_torch_ref"]))
 
 

@@ -6,10 +6,11 @@
 Dispatch, by the type and device of `u`:
 
 =====================  =====================================================
-numpy.ndarray          the CPU engine (scipy.fft, flashconv/_cpu.py)
+numpy.ndarray          the scipy CPU engine (flashconv/_cpu.py)
 torch.Tensor           the torch operator ``torch.ops.flashconv.fftconv`` (below), which
                        dispatches by device in _forward_impl / _backward_impl:
-  on CPU               the CPU engine through zero-copy numpy views (forward and backward;
+  on CPU               the torch.fft CPU engine (flashconv/_cpu_torch.py: chunked, MKL,
+                       reused workspaces), forward and backward (
                        a short kernel's forward by overlap-save blocks, flashconv/_overlap.py)
   on CUDA              the fused block-FFT kernel (flashconv._C) for float32, float16 and
                        bfloat16 where its FFT size fits on chip (bfloat16 L <= 16K,
@@ -50,6 +51,7 @@ torch is optional: numpy users never import it.
 import contextlib
 import numbers
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -60,6 +62,8 @@ from flashconv.plan import fused_fft_size, monarch_perm
 
 try:
     import torch
+
+    from flashconv import _cpu_torch
 except ImportError:  # numpy-only installs
     torch = None
 
@@ -182,11 +186,11 @@ def fft_kernel(k, L, *, dtype=None, k_rev=None):
         spec, n, _, _ = _torch_spectrum(k.detach(), None, 0, L, torch.float64, k_rev)
         return KernelSpectrum(spec, L, lk, n, dname, kind, str(k.device))
     n = _cpu.fft_size(L, max(lk, lkr))
-    kn = _np_view(k, getattr(torch, dname)) if kind == "torch" else k
-    krn = _np_view(k_rev, getattr(torch, dname)) if kind == "torch" else k_rev
-    spec = _cpu.kernel_spectrum(kn, L, n, np.dtype(dname), krn)
     if kind == "torch":
-        spec = torch.from_numpy(spec)
+        spec = _cpu_torch.kernel_spectrum(k.detach(), L, n, getattr(torch, dname),
+                                          None if k_rev is None else k_rev.detach())
+    else:
+        spec = _cpu.kernel_spectrum(k, L, n, np.dtype(dname), k_rev)
     return KernelSpectrum(spec, L, lk, n, dname, kind, "cpu")
 
 
@@ -387,6 +391,37 @@ def _use_overlap_save(k, k_rev, L):
     return _overlap.overlap_save_cheaper(L, min(int(k.shape[1]), L))
 
 
+def _torch_views(*arrays):
+    """Zero-copy CPU tensors of numpy arrays (None stays None), or None when torch is not
+    installed or an array cannot be viewed (negative strides, non-native byte order)."""
+    if torch is None:
+        return None
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only arrays: only read here
+        for a in arrays:
+            if a is None:
+                out.append(None)
+                continue
+            if not a.dtype.isnative or any(st < 0 for st in a.strides):
+                return None
+            try:
+                out.append(torch.from_numpy(a))
+            except (TypeError, ValueError, RuntimeError):
+                return None
+    return out
+
+
+def _numpy_operands(u, k, D, g_in, g_out, k_rev):
+    """(u, k, D, g_in, g_out, k_rev, n) as torch views for the torch CPU engine (k: the
+    spectrum of a KernelSpectrum, n its FFT size; else n = 0), or None (see _torch_views)."""
+    spectrum = isinstance(k, KernelSpectrum)
+    views = _torch_views(u, k.spectrum if spectrum else k, D, g_in, g_out, k_rev)
+    if views is None:
+        return None
+    return views + [k.n if spectrum else 0]
+
+
 def _fftconv_numpy(u, k, D, g_in, g_out, k_rev=None):
     dtype = np.float64 if u.dtype == np.float64 else np.float32
     B, H, L = u.shape
@@ -394,15 +429,27 @@ def _fftconv_numpy(u, k, D, g_in, g_out, k_rev=None):
         return np.zeros(u.shape, u.dtype)
     if _use_overlap_save(k, k_rev, L):
         return _overlap.overlap_save(u, k, D, g_in, g_out)
+    ops = _numpy_operands(u, k, D, g_in, g_out, k_rev)
+    if ops is not None:  # the torch.fft engine, zero-copy (faster than scipy's; see _cpu_torch)
+        ut, kt, Dt, git, got, krt, n = ops
+        return _forward_cpu(ut, kt, Dt, git, got, None, n, krt).numpy()
     K, n, _, _ = _numpy_spectrum(k, k_rev, L, dtype)
     y = _cpu.conv_forward(u, K, n, D, g_in, g_out, dtype)
     return y.astype(u.dtype, copy=False)
 
 
 def _backward_numpy(dy, u, k, D, g_in, g_out, k_rev=None):
-    dtype = np.float64 if u.dtype == np.float64 else np.float32
     B, H, L = u.shape
     spectrum = isinstance(k, KernelSpectrum)
+    ops = _numpy_operands(u, k, D, g_in, g_out, k_rev) if B * H * L else None
+    dyt = None if ops is None else _torch_views(dy)
+    if dyt is not None:  # the torch.fft engine, zero-copy
+        ut, kt, Dt, git, got, krt, n = ops
+        mask = (True, not spectrum, D is not None, g_in is not None, g_out is not None,
+                k_rev is not None)
+        grads = _backward_cpu(dyt[0], ut, kt, Dt, git, got, None, n, mask, krt)
+        return {key: None if g is None else g.numpy() for key, g in zip(_GRAD_KEYS, grads)}
+    dtype = np.float64 if u.dtype == np.float64 else np.float32
     K, n, lk, lkr = _numpy_spectrum(k, k_rev, L, dtype)
     if B * H * L == 0:
         g = {"du": np.zeros(u.shape, dtype), "dk": np.zeros((H, lk), dtype),
@@ -434,10 +481,6 @@ def _np_view(t, dtype):
     if t.dtype != dtype:
         t = t.to(dtype)
     return t.numpy()
-
-
-def _np_dtype(torch_dtype):
-    return np.float64 if torch_dtype == torch.float64 else np.float32
 
 
 # --- DLPack interop (CuPy and other array libraries) -------------------------------------
@@ -623,30 +666,20 @@ def _kernel_grad(k, lk, g):
     return dk
 
 
-# --- CPU: the scipy engine through zero-copy numpy views ---------------------------------
+# --- CPU: the torch.fft engine (flashconv/_cpu_torch.py) ------------------------------------
 
 def _cpu_spectrum(k, k_exponent, n, L, cdt, k_rev=None):
-    """(K as numpy (H, n//2 + 1) complex, n, lk, lk_rev) for a time-domain k (and k_rev)
-    or a spectrum."""
+    """(K (H, n//2 + 1) complex, n, lk, lk_rev) of the CPU engine for a time-domain k (and
+    k_rev) or a spectrum."""
     if k.is_complex():
         spec = _natural_spectrum(k.detach(), k_exponent, n)
-        return spec.to(_complex_dtype(cdt)).resolve_conj().numpy(), n, 0, 0
+        return spec.to(_complex_dtype(cdt)).resolve_conj(), n, 0, 0
     lk = min(int(k.shape[1]), L)
     lkr = 0 if k_rev is None else min(int(k_rev.shape[1]), L)
     n = _cpu.fft_size(L, max(lk, lkr))
-    K = _cpu.kernel_spectrum(_np_view(k, cdt), L, n, _np_dtype(cdt), _np_view(k_rev, cdt))
+    K = _cpu_torch.kernel_spectrum(k.detach(), L, n, cdt,
+                                   None if k_rev is None else k_rev.detach())
     return K, n, lk, lkr
-
-
-# From this FFT length on, torch's own CPU FFT (MKL in the x86 wheels; it parallelises
-# inside one long transform) beat the scipy engine on this project's 2-core machines
-# (bench/results/sweep_2026-11-23_cpu_*.json: 0.62-0.85x at L = 64K-256K with scipy).
-_TORCH_FFT_MIN_N = 1 << 17
-
-
-def _long_cpu_row(u, k):
-    return (not k.is_complex() and u.shape[-1] * 2 >= _TORCH_FFT_MIN_N
-            and torch.backends.mkl.is_available())
 
 
 def _forward_cpu(u, k, D, g_in, g_out, k_exponent, n, k_rev=None):
@@ -654,15 +687,12 @@ def _forward_cpu(u, k, D, g_in, g_out, k_exponent, n, k_rev=None):
     B, H, L = u.shape
     if B * H * L == 0:
         return u.new_zeros(u.shape)
-    if _long_cpu_row(u, k):
-        return _forward_torch_fft(u, k, D, g_in, g_out, k_exponent, n, k_rev)
     if _use_overlap_save(k, k_rev, L):
         y = _overlap.overlap_save(*(_np_view(t, cdt) for t in (u, k, D, g_in, g_out)))
         return torch.from_numpy(y).to(u.dtype)
     K, n, _, _ = _cpu_spectrum(k, k_exponent, n, L, cdt, k_rev)
-    y = _cpu.conv_forward(_np_view(u, cdt), K, n, _np_view(D, cdt), _np_view(g_in, cdt),
-                          _np_view(g_out, cdt), _np_dtype(cdt))
-    return torch.from_numpy(y).to(u.dtype)
+    u, D, g_in, g_out = (None if t is None else t.detach() for t in (u, D, g_in, g_out))
+    return _cpu_torch.conv_forward(u, K, n, D, g_in, g_out)
 
 
 def _backward_cpu(dy, u, k, D, g_in, g_out, k_exponent, n, mask, k_rev=None):
@@ -670,23 +700,17 @@ def _backward_cpu(dy, u, k, D, g_in, g_out, k_exponent, n, mask, k_rev=None):
     B, H, L = u.shape
     if B * H * L == 0:
         return _zero_grads(u, k, D, g_in, g_out, mask, k_rev)
-    if _long_cpu_row(u, k):
-        return _backward_torch_fft(dy, u, k, D, g_in, g_out, k_exponent, n, mask, k_rev)
     cdt = _compute_dtype(u)
     # K is recomputed from k (H FFTs, against the B*H of the backward itself) rather than
     # saved by the forward: the operator's only output is y.
     K, n, lk, lkr = _cpu_spectrum(k, k_exponent, n, L, cdt, k_rev)
-    g = _cpu.conv_backward(
-        _np_view(dy, cdt), _np_view(u, cdt), K, n, lk, _np_view(D, cdt),
-        _np_view(g_in, cdt), _np_view(g_out, cdt), _np_dtype(cdt),
-        need_k=need_k or need_kr, need_D=need_D, need_gates=need_gi or need_go,
-        lk_rev=lkr if need_kr else 0)
-    du = torch.from_numpy(g["du"]).to(u.dtype) if need_u else None
-    dk = _kernel_grad(k, lk, torch.from_numpy(g["dk"])) if need_k else None
-    dkr = _kernel_grad(k_rev, lkr, torch.from_numpy(g["dk_rev"])) if need_kr else None
-    dD = torch.from_numpy(g["dD"]).to(D.dtype) if need_D else None
-    dgi = torch.from_numpy(g["dg_in"]).to(g_in.dtype) if need_gi else None
-    dgo = torch.from_numpy(g["dg_out"]).to(g_out.dtype) if need_go else None
+    dy, u, D, g_in, g_out = (None if t is None else t.detach() for t in (dy, u, D, g_in, g_out))
+    du, dk, dD, dgi, dgo, dkr = _cpu_torch.conv_backward(
+        dy, u, K, n, lk, D, g_in, g_out, need_u=need_u, need_k=need_k, need_D=need_D,
+        need_gin=need_gi, need_gout=need_go, lk_rev=lkr if need_kr else 0)
+    dk = _kernel_grad(k, lk, dk) if need_k else None
+    dkr = _kernel_grad(k_rev, lkr, dkr) if need_kr else None
+    dD = dD.to(D.dtype) if need_D else None
     return du, dk, dD, dgi, dgo, dkr
 
 
