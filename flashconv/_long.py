@@ -12,7 +12,10 @@ perm(n) = flashconv.plan.monarch_perm(n), the Monarch order of block_fft.h's pla
 (any power of two, small outer factors included).
 
 Entry points: two_level_plan(L), long_spectrum(k, L, N1, N2), fftconv_long_forward(u, k, D,
-g_in, g_out) (CUDA torch tensors), two_level_reference(...) (numpy mirror of the passes).
+g_in, g_out) (CUDA torch tensors), fftconv_long_backward(dy, u, k, ...) (the gradients: the
+forward passes with conj(K) for dx, batch-chunked torch.fft for dk), two_level_reference(...)
+(numpy mirror of the passes) and reference_forward (the mirror behind the forward's signature,
+for CPU tests).
 """
 
 import numpy as np
@@ -205,3 +208,92 @@ def fftconv_long_forward(u, k, D=None, g_in=None, g_out=None, k_rev=None, spectr
                 strides(uc), strides(gic), strides(goc), strides(yc), code, u.device.index,
                 stream)
     return y
+
+
+# Batch rows per torch.fft chunk of the dk correlation: at most this many bytes of spectra
+# (two complex64 (rows, H, N/2 + 1) arrays) at a time.
+MAX_CORR_BYTES = 1 << 30
+
+
+def fftconv_long_backward(dy, u, k, D=None, g_in=None, g_out=None, k_rev=None, mask=None,
+                          forward=None, n2=None, max_corr_bytes=MAX_CORR_BYTES):
+    """Gradients (du, dk, dD, dg_in, dg_out, dk_rev) of fftconv_long_forward (None where
+    mask, a 6-tuple of bools, says not needed or the input is absent), for L beyond the fused
+    backward kernel. The convolution's adjoint is a convolution with the conjugate spectrum
+    (DESIGN.md section 2; N >= 2L keeps the correlation free of wrap-around), so:
+
+      dz = g_out dy (float32);  dx = forward(dz) with spectrum (conj(K), k_exp) and D
+        = sum_s k[s] dz[t+s] (+ k_rev's negative lags) + D dz, computed in float32;
+      du = g_in dx;  dg_in = u dx;  dD = sum_{b,t} dz x;
+      dg_out = dy z, z = forward(x) with (K, k_exp) and D, no gates (only if needed);
+      dk, dk_rev = the lags s >= 0 / s <= 0 of irfft(sum_b conj(X_b) DZ_b) (torch.fft at the
+        same N, over chunks of batch rows: at most max_corr_bytes of spectra at a time, the
+        (H, N/2 + 1) accumulator the only full-size intermediate).
+
+    forward: the two-level forward to use (default fftconv_long_forward, CUDA); tests pass the
+    numpy mirror. dx is computed from float32 dz whatever the io dtype (one rounding, at the
+    end), so the inner size is the float32 one. The caller validates shapes."""
+    import torch
+    forward = fftconv_long_forward if forward is None else forward
+    B, H, L = (int(s) for s in u.shape)
+    need_u, need_k, need_D, need_gi, need_go, need_kr = (
+        (True,) * 6 if mask is None else tuple(bool(m) for m in mask))
+    need_gi, need_go = need_gi and g_in is not None, need_go and g_out is not None
+    need_D, need_kr = need_D and D is not None, need_kr and k_rev is not None
+    f32 = torch.float32
+    dz = dy.to(f32) if g_out is None else dy.to(f32) * g_out.to(f32)
+    x = u.to(f32) if g_in is None else u.to(f32) * g_in.to(f32)
+    N, N1, N2 = long_plan_for(dz, L, n2) if getattr(dz, "is_cuda", False) else two_level_plan(
+        L, MAX_N2["float32"], n2)
+    K, kexp = long_spectrum(k, L, N1, N2, k_rev)
+    Df = None if D is None else D.detach().to(f32)
+    du = dk = dD = dgi = dgo = dkr = None
+    if need_u or need_gi:
+        dx = forward(dz, None, Df, spectrum=(K.conj_physical(), kexp), n2=N2)
+        if need_u:
+            du = (dx if g_in is None else dx * g_in.to(f32)).to(u.dtype)
+        if need_gi:
+            dgi = (dx * u.to(f32)).to(g_in.dtype)
+        del dx
+    if need_go:
+        z = forward(x, None, Df, spectrum=(K, kexp), n2=N2)
+        dgo = (dy.to(f32) * z).to(g_out.dtype)
+        del z
+    if need_D:
+        dD = (dz * x).sum(dim=(0, 2)).to(D.dtype)
+    if need_k or need_kr:
+        lk = min(int(k.shape[1]), L)
+        lkr = 0 if k_rev is None else min(int(k_rev.shape[1]), L)
+        rows = max(1, int(max_corr_bytes) // (2 * 8 * H * (N // 2 + 1)))
+        corr = None
+        for b0 in range(0, B, rows):
+            X = torch.fft.rfft(x[b0:b0 + rows], n=N)
+            X.conj_physical_()
+            X *= torch.fft.rfft(dz[b0:b0 + rows], n=N)
+            part = X.sum(0)
+            corr = part if corr is None else corr.add_(part)
+            del X
+        if need_k:
+            dk = k.new_zeros(k.shape)
+            dk[:, :lk] = torch.fft.irfft(corr, n=N)[:, :lk].to(k.dtype)
+        if need_kr:
+            dkr = k_rev.new_zeros(k_rev.shape)
+            dkr[:, :lkr] = torch.fft.irfft(corr.conj_physical(), n=N)[:, :lkr].to(k_rev.dtype)
+    return du, dk, dD, dgi, dgo, dkr
+
+
+def reference_forward(u, k, D=None, g_in=None, g_out=None, k_rev=None, spectrum=None, n2=None):
+    """fftconv_long_forward's signature on the numpy mirror (two_level_reference), for torch
+    tensors on any device: the CPU stand-in tests use for the CUDA passes."""
+    import torch
+    B, H, L = (int(s) for s in u.shape)
+    _, N1, N2 = two_level_plan(L, n2=n2) if n2 is not None else two_level_plan(L)
+
+    def np64(t):
+        return None if t is None else t.detach().cpu().to(torch.float64).numpy()
+
+    if spectrum is not None:
+        spectrum = (spectrum[0].detach().cpu().numpy(), spectrum[1].detach().cpu().numpy())
+    y = two_level_reference(np64(u), None if k is None else np64(k), np64(D), np64(g_in),
+                            np64(g_out), N1, N2, np64(k_rev), spectrum)
+    return torch.from_numpy(y).to(u.dtype)

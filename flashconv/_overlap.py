@@ -200,3 +200,50 @@ def overlap_save(u, k, D=None, g_in=None, g_out=None, block=None):
 
     _cpu._run(_items(B, H, nb, P, itemsize), work, B * H * L)
     return out.astype(u.dtype, copy=False)
+
+
+# --- overlap-save on torch tensors around a block convolution (the fused CUDA kernel) -------
+
+def gpu_block(lk, max_block):
+    """Block size P for overlap-save around the fused kernel: the smallest power of two
+    >= 8 lk (at most 1/8 of each block's outputs discarded) and >= 256, or None when that
+    exceeds max_block (the fused kernel's largest input length)."""
+    P = max(256, 1 << (8 * max(1, int(lk)) - 1).bit_length())
+    return P if P <= max_block else None
+
+
+def overlap_save_blocks(u, k, D, g_in, g_out, conv, block):
+    """y = g_out * (causal_conv(g_in u, k) + D g_in u) for torch tensors u (B, H, L), by
+    blocks of `block` inputs, each convolved by conv(u_blk, k, D, g_in_blk, g_out_blk) ->
+    (nb, H, block) (a causal convolution of each block row, e.g. the fused kernel).
+
+    Block j of batch row b reads inputs [j S - (lk - 1), j S + S) (zeros before t = 0),
+    S = block - lk + 1; its outputs at positions lk - 1 .. block - 1 have their whole
+    history inside the block and are kept. The blocks of a batch row are overlapping
+    windows of one zero-padded copy of u (a strided view, no copy per block), and the gates
+    are windowed the same way, so conv applies D, g_in and g_out itself; conv runs once per
+    batch row, with the blocks as its batch."""
+    import torch
+    B, H, L = (int(s) for s in u.shape)
+    lk = max(1, min(int(k.shape[1]), L))
+    P = int(block)
+    if P < lk:
+        raise ValueError("overlap_save_blocks: block must be >= min(Lk, L) = %d, got %d" % (lk, P))
+    S = P - lk + 1
+    nb = -(-L // S)
+    Lp = nb * S + lk - 1  # padded length: lk - 1 zeros in front, the tail of the last block
+
+    def windows(t, b):
+        """(nb, H, P) overlapping windows of row b of t, zero-padded (a view of one copy)."""
+        if t is None:
+            return None
+        p = t.new_zeros((H, Lp))
+        p[:, lk - 1:lk - 1 + L] = t[b]
+        return p.as_strided((nb, H, P), (S, Lp, 1))
+
+    y = torch.empty((B, H, L), dtype=u.dtype, device=u.device)
+    kk = k[:, :lk]
+    for b in range(B):
+        yb = conv(windows(u, b), kk, D, windows(g_in, b), windows(g_out, b))  # (nb, H, P)
+        y[b] = yb[:, :, lk - 1:].permute(1, 0, 2).reshape(H, nb * S)[:, :L]
+    return y

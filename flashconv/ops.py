@@ -6,7 +6,8 @@
 Dispatch, by the type and device of `u`:
 
 =====================  =====================================================
-numpy.ndarray          the scipy CPU engine (flashconv/_cpu.py)
+numpy.ndarray          the CPU engine: torch.fft on zero-copy views when torch is installed
+                       (below), else scipy.fft (flashconv/_cpu.py)
 torch.Tensor           the torch operator ``torch.ops.flashconv.fftconv`` (below), which
                        dispatches by device in _forward_impl / _backward_impl:
   on CPU               the torch.fft CPU engine (flashconv/_cpu_torch.py: chunked, MKL,
@@ -14,10 +15,13 @@ torch.Tensor           the torch operator ``torch.ops.flashconv.fftconv`` (below
                        a short kernel's forward by overlap-save blocks, flashconv/_overlap.py)
   on CUDA              the fused block-FFT kernel (flashconv._C) for float32, float16 and
                        bfloat16 where its FFT size fits on chip (bfloat16 L <= 16K,
-                       float32/float16 L <= 8K); longer L: the two-level kernel
+                       float32/float16 L <= 8K); longer L: overlap-save blocks through
+                       it for a short kernel (8 Lk <= its largest L), else the two-level kernel
                        (flashconv/_long.py, N = N1 * N2, up to L = 8M); else torch.fft. Backward: the fused
                        backward kernel (bfloat16 L <= 8K, float32/float16 L <= 4K), else
-                       torch.fft.
+                       the two-level backward (_long.fftconv_long_backward: the two-level
+                       kernel with the conjugate spectrum for dx, batch-chunked torch.fft
+                       for dk), else torch.fft.
   elsewhere            torch.fft, forward and backward
 anything else with     (CuPy, JAX, ...) seen as torch tensors through torch.from_dlpack,
 __dlpack__ and         zero-copy, on the caller's current CuPy stream; the result is
@@ -321,10 +325,12 @@ def fftconv(u, k, D=None, *, g_in=None, g_out=None, k_rev=None):
         float32, float64 in float64. Torch tensors are differentiable with respect to u, k,
         D, the gates and k_rev (not through a precomputed KernelSpectrum).
 
-    Dispatch: numpy arrays run the scipy CPU engine directly. Torch tensors go through the
-    registered operator ``torch.ops.flashconv.fftconv`` (gradients through
-    ``flashconv::fftconv_bwd``), which picks the engine by device: the scipy engine on
-    CPU, the fused CUDA kernel (or torch.fft where it does not apply) on CUDA. The operator
+    Dispatch: numpy arrays run the CPU engine directly (torch.fft on zero-copy views when
+    torch is installed, else scipy.fft). Torch tensors go through the registered operator
+    ``torch.ops.flashconv.fftconv`` (gradients through ``flashconv::fftconv_bwd``), which
+    picks the engine by device: the torch.fft CPU engine on CPU; on CUDA the fused kernel,
+    beyond its size overlap-save blocks through it (short kernels) or the two-level kernel,
+    else torch.fft. The operator
     has a fake (meta) implementation and an autograd formula, so
     ``torch.compile(fullgraph=True)`` traces through this function with torch inputs.
     Other DLPack arrays (CuPy) are seen as torch tensors with ``torch.from_dlpack``
@@ -628,6 +634,12 @@ def _forward_impl(u, k, D, g_in, g_out, k_exponent, n, k_rev=None):
         return _forward_cpu(u, k, D, g_in, g_out, k_exponent, n, k_rev)
     if u.device.type == "cuda" and _fused_ok(u, k, k_exponent, n):
         return _fused_forward(u, k, D, g_in, g_out, k_exponent, k_rev)
+    P = _cuda_overlap_block(u, k, k_rev)
+    if P:  # short kernel: overlap-save blocks of P inputs through the fused kernel
+        spec, exp = _monarch_spectrum(k, min(int(k.shape[1]), P), fused_fft_size(P))
+        return _overlap.overlap_save_blocks(
+            u, k, D, g_in, g_out,
+            lambda ub, _k, Db, gib, gob: _fused_forward(ub, spec, Db, gib, gob, exp), P)
     if u.device.type == "cuda" and not k.is_complex() and _ext.cuda_device_count() > 0:
         from flashconv import _long  # two-level fused FFT: L beyond the on-chip kernel
 
@@ -636,12 +648,38 @@ def _forward_impl(u, k, D, g_in, g_out, k_exponent, n, k_rev=None):
     return _forward_torch_fft(u, k, D, g_in, g_out, k_exponent, n, k_rev)
 
 
+def _cuda_overlap_block(u, k, k_rev):
+    """Block size for overlap-save around the fused kernel on CUDA, or 0: a short time-domain
+    kernel (8 Lk <= the fused kernel's largest input length, so at most 1/8 of each block is
+    recomputed) with L beyond the fused kernel. There the alternative is the two-level path
+    (three passes over an 8N-byte workspace) and overlap-save is one fused pass over about
+    1.14x the input: cheaper by construction; the crossover has not been measured on a GPU."""
+    if u.device.type != "cuda" or k.is_complex() or k_rev is not None:
+        return 0
+    ext = _ext.extension()
+    if ext is None or u.dtype not in _DTYPE_CODES or _ext.cuda_device_count() == 0:
+        return 0
+    B, H, L = u.shape
+    lk = min(int(k.shape[1]), int(L))
+    max_n = ext.fftconv_fwd_max_n(_DTYPE_CODES[u.dtype])
+    bytes_per = 4 if u.dtype == torch.bfloat16 else 8
+    while max_n * bytes_per > _max_smem(u.device.index) and max_n > 32:
+        max_n //= 2
+    P = _overlap.gpu_block(lk, max_n // 2)
+    return P if P is not None and L > P else 0
+
+
 def _backward_impl(dy, u, k, D, g_in, g_out, k_exponent, n, mask, k_rev=None):
     """The backward, by device: a 6-tuple of gradients, None where `mask` is False."""
     if u.device.type == "cpu":
         return _backward_cpu(dy, u, k, D, g_in, g_out, k_exponent, n, mask, k_rev)
     if u.device.type == "cuda" and _fused_ok(u, k, k_exponent, n, backward=True):
         return _fused_backward(dy, u, k, D, g_in, g_out, k_exponent, mask, k_rev)
+    if u.device.type == "cuda" and not k.is_complex() and _ext.cuda_device_count() > 0:
+        from flashconv import _long
+
+        if _long.long_applies(u):  # dx by the two-level kernel with conj(K); dk by chunks
+            return _long.fftconv_long_backward(dy, u, k, D, g_in, g_out, k_rev, mask)
     return _backward_torch_fft(dy, u, k, D, g_in, g_out, k_exponent, n, mask, k_rev)
 
 

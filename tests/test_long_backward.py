@@ -1,0 +1,66 @@
+"""The long-L backward (flashconv._long.fftconv_long_backward) on the CPU: its composition
+(a conjugate-spectrum two-level forward for dx, batch-chunked correlation for dk) run with
+the numpy mirror of the two-level passes standing in for the CUDA kernels, against the
+float64 analytic gradients of python_ref. The CUDA run of the same function is in
+tests/test_long_gpu.py (GPU only)."""
+import numpy as np
+import pytest
+import torch
+
+from flashconv._long import fftconv_long_backward, reference_forward
+from python_ref.conv import fftconv_grads
+
+KEYS = ("du", "dk", "dD", "dg_in", "dg_out", "dk_rev")
+
+
+def rel(a, b):
+    a = a.detach().to(torch.float64).numpy()
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def problem(seed, B, H, L, lk, lkr=0, gates=True):
+    rng = np.random.default_rng(seed)
+    a = {"u": rng.standard_normal((B, H, L)), "k": rng.standard_normal((H, lk)) / np.sqrt(lk),
+         "D": rng.standard_normal(H), "dy": rng.standard_normal((B, H, L))}
+    a["g_in"] = rng.standard_normal((B, H, L)) if gates else None
+    a["g_out"] = rng.standard_normal((B, H, L)) if gates else None
+    a["k_rev"] = rng.standard_normal((H, lkr)) / np.sqrt(lkr) if lkr else None
+    return a
+
+
+@pytest.mark.parametrize("B,H,L,lk,lkr,n2", [(3, 2, 300, 300, 0, 64), (2, 3, 1000, 37, 0, 128),
+                                             (1, 2, 513, 513, 200, 64), (4, 1, 2000, 2000, 0, 256)])
+@pytest.mark.parametrize("corr_bytes", [1, 1 << 30])
+def test_long_backward_matches_reference(B, H, L, lk, lkr, n2, corr_bytes):
+    a = problem(B * L + lk, B, H, L, lk, lkr)
+    t = {key: None if v is None else torch.from_numpy(v).float() for key, v in a.items()}
+    grads = fftconv_long_backward(t["dy"], t["u"], t["k"], t["D"], t["g_in"], t["g_out"],
+                                  t["k_rev"], forward=reference_forward, n2=n2,
+                                  max_corr_bytes=corr_bytes)
+    ref = fftconv_grads(a["u"], a["k"], a["dy"], a["D"], a["g_in"], a["g_out"], k_rev=a["k_rev"])
+    for key, g in zip(KEYS, grads):
+        if ref.get(key) is None:
+            assert g is None, key
+            continue
+        assert g.dtype == torch.float32 and tuple(g.shape) == ref[key].shape, key
+        err = rel(g, ref[key])
+        print(key, "rel err %.2e" % err)
+        assert err < 2e-5, key
+
+
+def test_long_backward_mask_and_half_io():
+    a = problem(5, 2, 2, 700, 700)
+    t = {key: None if v is None else torch.from_numpy(v).to(torch.bfloat16) for key, v in a.items()}
+    mask = (True, False, False, False, True, False)
+    grads = fftconv_long_backward(t["dy"], t["u"], t["k"], t["D"], t["g_in"], t["g_out"],
+                                  mask=mask, forward=reference_forward, n2=128)
+    assert [g is not None for g in grads] == list(mask)
+    a64 = {key: None if v is None else v.double().numpy() for key, v in t.items()}
+    ref = fftconv_grads(a64["u"], a64["k"], a64["dy"], a64["D"], a64["g_in"], a64["g_out"])
+    for key, g in zip(KEYS, grads):
+        if g is None:
+            continue
+        assert g.dtype == torch.bfloat16
+        floor = float(np.linalg.norm(torch.from_numpy(ref[key]).to(torch.bfloat16).double().numpy()
+                                     - ref[key]) / np.linalg.norm(ref[key]))
+        assert rel(g, ref[key]) <= 2 * floor + 1e-5, key  # one rounding, at the end
