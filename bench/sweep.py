@@ -321,7 +321,10 @@ def plot_cpu(ax_row, rows):
 
     The CPU shapes change B*H with L (about 2M elements per call, plus a few listed
     shapes), so times are per element (ns per B*H*L value): comparable across shapes.
+    Only the float32 "sweep" series is drawn (one point per L); the extra shapes are in
+    the table and the JSON.
     """
+    rows = [r for r in rows if r.get("set", "sweep") == "sweep" and r["dtype"] == "float32"]
     per_elem = [dict(r, **{k + "_ns": r[k] * 1e9 / (r["B"] * r["H"] * r["L"]) for k in (
         "flashconv_s", "torch_ref_s", "scipy_s", "flashconv_fwdbwd_s", "torch_ref_fwdbwd_s")}) for r in rows]
     ax = ax_row[0]
