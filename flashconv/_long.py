@@ -211,24 +211,28 @@ def fftconv_long_forward(u, k, D=None, g_in=None, g_out=None, k_rev=None, spectr
 
 
 # Batch rows per torch.fft chunk of the dk correlation: at most this many bytes of spectra
-# (two complex64 (rows, H, N/2 + 1) arrays) at a time.
+# (two complex64 (rows, channels, N/2 + 1) arrays) at a time.
 MAX_CORR_BYTES = 1 << 30
+# Channels per backward chunk: the float32 intermediates (dz, x, dx: 12 bytes per element of
+# the chunk) stay under this many bytes (at least one channel).
+MAX_CHUNK_BYTES = 1 << 30
 
 
 def fftconv_long_backward(dy, u, k, D=None, g_in=None, g_out=None, k_rev=None, mask=None,
-                          forward=None, n2=None, max_corr_bytes=MAX_CORR_BYTES):
+                          forward=None, n2=None, max_corr_bytes=MAX_CORR_BYTES,
+                          max_chunk_bytes=MAX_CHUNK_BYTES):
     """Gradients (du, dk, dD, dg_in, dg_out, dk_rev) of fftconv_long_forward (None where
     mask, a 6-tuple of bools, says not needed or the input is absent), for L beyond the fused
     backward kernel. The convolution's adjoint is a convolution with the conjugate spectrum
-    (DESIGN.md section 2; N >= 2L keeps the correlation free of wrap-around), so:
+    (DESIGN.md section 2; N >= 2L keeps the correlation free of wrap-around), so, per chunk of
+    channels (float32 intermediates under max_chunk_bytes):
 
       dz = g_out dy (float32);  dx = forward(dz) with spectrum (conj(K), k_exp) and D
         = sum_s k[s] dz[t+s] (+ k_rev's negative lags) + D dz, computed in float32;
       du = g_in dx;  dg_in = u dx;  dD = sum_{b,t} dz x;
       dg_out = dy z, z = forward(x) with (K, k_exp) and D, no gates (only if needed);
       dk, dk_rev = the lags s >= 0 / s <= 0 of irfft(sum_b conj(X_b) DZ_b) (torch.fft at the
-        same N, over chunks of batch rows: at most max_corr_bytes of spectra at a time, the
-        (H, N/2 + 1) accumulator the only full-size intermediate).
+        same N, over chunks of batch rows: at most max_corr_bytes of spectra at a time).
 
     forward: the two-level forward to use (default fftconv_long_forward, CUDA); tests pass the
     numpy mirror. dx is computed from float32 dz whatever the io dtype (one rounding, at the
@@ -241,44 +245,54 @@ def fftconv_long_backward(dy, u, k, D=None, g_in=None, g_out=None, k_rev=None, m
     need_gi, need_go = need_gi and g_in is not None, need_go and g_out is not None
     need_D, need_kr = need_D and D is not None, need_kr and k_rev is not None
     f32 = torch.float32
-    dz = dy.to(f32) if g_out is None else dy.to(f32) * g_out.to(f32)
-    x = u.to(f32) if g_in is None else u.to(f32) * g_in.to(f32)
-    N, N1, N2 = long_plan_for(dz, L, n2) if getattr(dz, "is_cuda", False) else two_level_plan(
-        L, MAX_N2["float32"], n2)
-    K, kexp = long_spectrum(k, L, N1, N2, k_rev)
-    Df = None if D is None else D.detach().to(f32)
-    du = dk = dD = dgi = dgo = dkr = None
-    if need_u or need_gi:
-        dx = forward(dz, None, Df, spectrum=(K.conj_physical(), kexp), n2=N2)
-        if need_u:
-            du = (dx if g_in is None else dx * g_in.to(f32)).to(u.dtype)
-        if need_gi:
-            dgi = (dx * u.to(f32)).to(g_in.dtype)
-        del dx
-    if need_go:
-        z = forward(x, None, Df, spectrum=(K, kexp), n2=N2)
-        dgo = (dy.to(f32) * z).to(g_out.dtype)
-        del z
-    if need_D:
-        dD = (dz * x).sum(dim=(0, 2)).to(D.dtype)
-    if need_k or need_kr:
-        lk = min(int(k.shape[1]), L)
-        lkr = 0 if k_rev is None else min(int(k_rev.shape[1]), L)
-        rows = max(1, int(max_corr_bytes) // (2 * 8 * H * (N // 2 + 1)))
-        corr = None
-        for b0 in range(0, B, rows):
-            X = torch.fft.rfft(x[b0:b0 + rows], n=N)
-            X.conj_physical_()
-            X *= torch.fft.rfft(dz[b0:b0 + rows], n=N)
-            part = X.sum(0)
-            corr = part if corr is None else corr.add_(part)
-            del X
-        if need_k:
-            dk = k.new_zeros(k.shape)
-            dk[:, :lk] = torch.fft.irfft(corr, n=N)[:, :lk].to(k.dtype)
-        if need_kr:
-            dkr = k_rev.new_zeros(k_rev.shape)
-            dkr[:, :lkr] = torch.fft.irfft(corr.conj_physical(), n=N)[:, :lkr].to(k_rev.dtype)
+    if getattr(u, "is_cuda", False):
+        N, N1, N2 = long_plan_for(u.new_empty((0,), dtype=f32), L, n2)
+    else:
+        N, N1, N2 = two_level_plan(L, MAX_N2["float32"], n2)
+    lk = min(int(k.shape[1]), L)
+    lkr = 0 if k_rev is None else min(int(k_rev.shape[1]), L)
+
+    def new(t, want):
+        return t.new_zeros(t.shape) if want else None
+
+    du, dgi, dgo = new(u, need_u), new(g_in, need_gi), new(g_out, need_go)
+    dk, dD, dkr = new(k, need_k), new(D, need_D), new(k_rev, need_kr)
+    hc = max(1, min(H, int(max_chunk_bytes) // (12 * B * L)))
+    for h0 in range(0, H, hc):
+        h = slice(h0, min(H, h0 + hc))
+        rows = (slice(None), h)
+        dz = dy[rows].to(f32) if g_out is None else dy[rows].to(f32) * g_out[rows].to(f32)
+        x = u[rows].to(f32) if g_in is None else u[rows].to(f32) * g_in[rows].to(f32)
+        K, kexp = long_spectrum(k[h], L, N1, N2, None if k_rev is None else k_rev[h])
+        Df = None if D is None else D[h].detach().to(f32)
+        if need_u or need_gi:
+            dx = forward(dz, None, Df, spectrum=(K.conj_physical(), kexp), n2=N2)
+            if need_u:
+                du[rows] = dx if g_in is None else dx * g_in[rows].to(f32)
+            if need_gi:
+                dgi[rows] = dx * u[rows].to(f32)
+            del dx
+        if need_go:
+            dgo[rows] = dy[rows].to(f32) * forward(x, None, Df, spectrum=(K, kexp), n2=N2)
+        if need_D:
+            dD[h] = (dz * x).sum(dim=(0, 2))
+        if need_k or need_kr:
+            hn = h.stop - h0
+            bc = max(1, int(max_corr_bytes) // (2 * 8 * hn * (N // 2 + 1)))
+            corr = None
+            for b0 in range(0, B, bc):
+                X = torch.fft.rfft(x[b0:b0 + bc], n=N)
+                X.conj_physical_()
+                X *= torch.fft.rfft(dz[b0:b0 + bc], n=N)
+                part = X.sum(0)
+                corr = part if corr is None else corr.add_(part)
+                del X
+            if need_k:
+                dk[h, :lk] = torch.fft.irfft(corr, n=N)[:, :lk]
+            if need_kr:
+                dkr[h, :lkr] = torch.fft.irfft(corr.conj_physical(), n=N)[:, :lkr]
+            del corr
+        del dz, x
     return du, dk, dD, dgi, dgo, dkr
 
 

@@ -30,13 +30,15 @@ def problem(seed, B, H, L, lk, lkr=0, gates=True):
 
 @pytest.mark.parametrize("B,H,L,lk,lkr,n2", [(3, 2, 300, 300, 0, 64), (2, 3, 1000, 37, 0, 128),
                                              (1, 2, 513, 513, 200, 64), (4, 1, 2000, 2000, 0, 256)])
-@pytest.mark.parametrize("corr_bytes", [1, 1 << 30])
-def test_long_backward_matches_reference(B, H, L, lk, lkr, n2, corr_bytes):
+@pytest.mark.parametrize("corr_bytes,chunk_bytes", [(1, 1), (1 << 30, 1 << 30)])
+def test_long_backward_matches_reference(B, H, L, lk, lkr, n2, corr_bytes, chunk_bytes):
+    """corr_bytes / chunk_bytes = 1: one batch row per correlation chunk, one channel per
+    backward chunk; 1 << 30: everything at once."""
     a = problem(B * L + lk, B, H, L, lk, lkr)
     t = {key: None if v is None else torch.from_numpy(v).float() for key, v in a.items()}
     grads = fftconv_long_backward(t["dy"], t["u"], t["k"], t["D"], t["g_in"], t["g_out"],
                                   t["k_rev"], forward=reference_forward, n2=n2,
-                                  max_corr_bytes=corr_bytes)
+                                  max_corr_bytes=corr_bytes, max_chunk_bytes=chunk_bytes)
     ref = fftconv_grads(a["u"], a["k"], a["dy"], a["D"], a["g_in"], a["g_out"], k_rev=a["k_rev"])
     for key, g in zip(KEYS, grads):
         if ref.get(key) is None:
