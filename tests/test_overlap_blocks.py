@@ -44,3 +44,33 @@ def test_block_too_small_and_gpu_block():
     assert gpu_block(1, 16384) == 256 and gpu_block(64, 16384) == 512
     assert gpu_block(100, 16384) == 1024 and gpu_block(2048, 16384) == 16384
     assert gpu_block(2049, 16384) is None
+
+
+def test_cuda_overlap_rule(monkeypatch):
+    """The CUDA dispatch rule (_cuda_overlap_block) with the extension's limits mocked: short
+    kernels beyond the fused size get a block, long kernels and short inputs do not."""
+    from types import SimpleNamespace
+
+    from flashconv import ops
+
+    fwd_max = {0: 16384, 1: 16384, 2: 32768}  # float32, float16, bfloat16 (fftconv_fwd.h)
+    monkeypatch.setattr(ops._ext, "extension",
+                        lambda: SimpleNamespace(fftconv_fwd_max_n=lambda code: fwd_max[code]))
+    monkeypatch.setattr(ops._ext, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(ops, "_max_smem", lambda device: 227 * 1024)
+
+    def block(L, lk, dtype=torch.bfloat16, k_rev=None, device="cuda"):
+        u = SimpleNamespace(device=SimpleNamespace(type=device, index=0), dtype=dtype, shape=(2, 3, L))
+        return ops._cuda_overlap_block(u, torch.zeros(3, lk), k_rev)
+
+    assert block(100000, 64) == 512
+    assert block(100000, 1) == 256
+    assert block(1 << 20, 2048) == 16384            # bf16: fused inputs up to 16K
+    assert block(1 << 20, 2048, torch.float32) == 0  # float32: fused inputs up to 8K
+    assert block(1 << 20, 1024, torch.float32) == 8192
+    assert block(1 << 20, 2049) == 0
+    assert block(200, 1) == 0                        # L within one block: the fused kernel
+    assert block(100000, 64, k_rev=torch.zeros(3, 5)) == 0
+    assert block(100000, 64, device="cpu") == 0
+    monkeypatch.setattr(ops, "_max_smem", lambda device: 100 * 1024)  # less shared memory
+    assert block(1 << 20, 2048) == 0 and block(1 << 20, 1024) == 8192
