@@ -15,7 +15,8 @@ Methods, all forward-only (torch.no_grad) on the same inputs:
 - torch_ref: flashconv.reference.fftconv_ref, the H3/Hyena/S4 torch.fft convolution (2L);
 
 and, on the CPU for a short kernel (Lk = 64, numpy arrays): the CPU engine's full-length
-FFT (fft_full) against overlap-save (flashconv._overlap.overlap_save).
+FFT (fft_full: flashconv._cpu_torch.conv_forward, called directly, since fftconv itself picks
+overlap-save where the model says so) against overlap-save (flashconv._overlap.overlap_save).
 
 Each (method, L) runs in a fresh subprocess so that its memory high-water mark is its own.
 Peak memory is what the process needed beyond its inputs during the first call:
@@ -86,7 +87,15 @@ def _inputs(method, B, H, L, device):
         k = (torch.randn(H, SHORT_LK, generator=gen) / SHORT_LK ** 0.5).numpy()
         D = torch.randn(H, generator=gen).numpy()
         if method == "fft_full":
-            return (lambda: flashconv.fftconv(u, k, D)), u.nbytes
+            # The full-length CPU engine itself: flashconv.fftconv would pick overlap-save
+            # here wherever the model says it is cheaper.
+            from flashconv import _cpu, _cpu_torch
+
+            def full():
+                n = _cpu.fft_size(L, SHORT_LK)
+                K = _cpu_torch.kernel_spectrum(torch.from_numpy(k), L, n, torch.float32)
+                return _cpu_torch.conv_forward(torch.from_numpy(u), K, n, torch.from_numpy(D))
+            return full, u.nbytes
         return (lambda: overlap_save(u, k, D)), u.nbytes
 
     def dev(x):
