@@ -1,4 +1,9 @@
-"""The CPU engine: causal FFT convolution on numpy arrays with scipy.fft.
+"""The scipy CPU engine: causal FFT convolution on numpy arrays with scipy.fft.
+
+Used where torch is not installed, or for numpy arrays torch cannot view (negative
+strides, non-native byte order); torch tensors and other numpy arrays go through the
+torch.fft engine (flashconv/_cpu_torch.py), measured faster on this project's machines.
+fft_size() and the thread pool here are shared with the other CPU paths.
 
 Everything runs in the compute dtype (float32, or float64 for float64 inputs) on
 rows of the (B, H, L) input, in cache-sized chunks spread over a thread pool
