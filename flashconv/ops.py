@@ -706,18 +706,23 @@ def _kernel_grad(k, lk, g):
 
 # --- CPU: the torch.fft engine (flashconv/_cpu_torch.py) ------------------------------------
 
-def _cpu_spectrum(k, k_exponent, n, L, cdt, k_rev=None):
-    """(K (H, n//2 + 1) complex, n, lk, lk_rev) of the CPU engine for a time-domain k (and
-    k_rev) or a spectrum."""
+def _spectrum(k, k_exponent, n, L, cdt, k_rev, fft_size):
+    """(K (H, n//2 + 1) complex, n, lk, lk_rev) for a time-domain k (and k_rev), at FFT size
+    fft_size(L, max(lk, lk_rev)), or for a spectrum (its own n)."""
     if k.is_complex():
         spec = _natural_spectrum(k.detach(), k_exponent, n)
         return spec.to(_complex_dtype(cdt)).resolve_conj(), n, 0, 0
     lk = min(int(k.shape[1]), L)
     lkr = 0 if k_rev is None else min(int(k_rev.shape[1]), L)
-    n = _cpu.fft_size(L, max(lk, lkr))
+    n = fft_size(L, max(lk, lkr))
     K = _cpu_torch.kernel_spectrum(k.detach(), L, n, cdt,
                                    None if k_rev is None else k_rev.detach())
     return K, n, lk, lkr
+
+
+def _cpu_spectrum(k, k_exponent, n, L, cdt, k_rev=None):
+    """_spectrum at the CPU engine's FFT size (5-smooth)."""
+    return _spectrum(k, k_exponent, n, L, cdt, k_rev, _cpu.fft_size)
 
 
 def _forward_cpu(u, k, D, g_in, g_out, k_exponent, n, k_rev=None):
@@ -755,16 +760,8 @@ def _backward_cpu(dy, u, k, D, g_in, g_out, k_exponent, n, mask, k_rev=None):
 # --- torch.fft: CUDA where the fused kernel does not apply, the CUDA backward, other devices
 
 def _torch_spectrum(k, k_exponent, n, L, cdt, k_rev=None):
-    """(K (H, n//2 + 1) complex, n, lk, lk_rev) for a time-domain k (and k_rev) or a spectrum."""
-    if k.is_complex():
-        return _natural_spectrum(k, k_exponent, n).to(_complex_dtype(cdt)), n, 0, 0
-    lk = min(int(k.shape[1]), L)
-    lkr = 0 if k_rev is None else min(int(k_rev.shape[1]), L)
-    n = _cuda_fft_size(L, max(lk, lkr))
-    K = torch.fft.rfft(k[:, :lk].to(cdt), n=n)
-    if k_rev is not None:
-        K = K + torch.fft.rfft(k_rev[:, :lkr].to(cdt), n=n).conj()
-    return K, n, lk, lkr
+    """_spectrum at the power-of-two size cuFFT prefers."""
+    return _spectrum(k, k_exponent, n, L, cdt, k_rev, _cuda_fft_size)
 
 
 def _forward_torch_fft(u, k, D, g_in, g_out, k_exponent, n, k_rev=None):

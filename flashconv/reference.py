@@ -5,7 +5,6 @@ S4 code bases: rfft of size 2L, pointwise product, irfft, keep the first L, add 
 re-implemented here from that description so benchmarks and tests need no other
 package. ``scipy_fftconv`` is the plain scipy.fft pipeline a CPU user would write.
 """
-import numpy as np
 import scipy.fft as sfft
 
 
