@@ -102,10 +102,16 @@ def _as(t, cdt):
 
 def kernel_spectrum(k, L, n, cdt, k_rev=None):
     """rfft of the first min(Lk, L) taps of k (H, Lk), zero-padded to n: (H, n//2 + 1); with
-    an anti-causal k_rev, rfft(k) + conj(rfft(k_rev)) (n >= L + Lk_rev - 1 keeps it unwrapped)."""
-    K = torch.fft.rfft(_as(k[:, :L], cdt), n=n)
+    an anti-causal k_rev, rfft(k) + conj(rfft(k_rev)) (n >= L + Lk_rev - 1 keeps it unwrapped).
+    Any device (the torch.fft path on CUDA uses it too); on the CPU through a padded buffer."""
+    def rfft(t):
+        if t.device.type == "cpu":  # the padded buffer (see _padded); any device else
+            return torch.fft.rfft(_padded("k", t[:, :L], n, cdt)[0])
+        return torch.fft.rfft(_as(t[:, :L], cdt), n=n)
+
+    K = rfft(k)
     if k_rev is not None:
-        K += torch.fft.rfft(_as(k_rev[:, :L], cdt), n=n).conj_physical()
+        K += rfft(k_rev).conj_physical()
     return K
 
 
