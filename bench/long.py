@@ -4,7 +4,7 @@
     python bench/long.py --quick         # L = 16K, 64K (smoke test)
     python bench/long.py --lengths 16384 1048576 --H 16 --device cuda
 
-Methods, all forward-only (torch.no_grad) on the same inputs:
+Methods, forward-only (torch.no_grad) on the same inputs:
 
 - fftconv:   flashconv.fftconv(u, k, D) with a length-L kernel (the CPU engine on CPU; the
              fused kernel / torch.fft on CUDA);
@@ -14,7 +14,9 @@ Methods, all forward-only (torch.no_grad) on the same inputs:
              S4D generation would cost another O(H N L) and is not timed);
 - torch_ref: flashconv.reference.fftconv_ref, the H3/Hyena/S4 torch.fft convolution (2L);
 
-and, on the CPU for a short kernel (Lk = 64, numpy arrays): the CPU engine's full-length
+then forward + backward (autograd for u, k and D; --no-backward skips it) of fftconv
+(fftconv_fb: the CPU engine / the fused or two-level backward on CUDA) and of torch_ref
+(torch_ref_fb); and, on the CPU for a short kernel (Lk = 64, numpy arrays): the CPU engine's full-length
 FFT (fft_full: flashconv._cpu_torch.conv_forward, called directly, since fftconv itself picks
 overlap-save where the model says so) against overlap-save (flashconv._overlap.overlap_save).
 
@@ -52,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MAIN_METHODS = ("fftconv", "ssm_conv", "torch_ref")
+FB_METHODS = ("fftconv_fb", "torch_ref_fb")  # forward + backward (autograd: du, dk, dD)
 SHORT_METHODS = ("fft_full", "overlap")
 LENGTHS = [1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22]
 QUICK_LENGTHS = [1 << 14, 1 << 16]
@@ -118,6 +121,19 @@ def _inputs(method, B, H, L, device):
         dA, dB, C = (dev(x.to(torch.complex64)) for x in (dA, dB, C))
         return (lambda: ssm_conv(u, dA, dB, C, D)), u.numel() * u.element_size()
     k = dev(torch.randn(H, L, generator=gen) / L ** 0.5)
+    if method in FB_METHODS:
+        from flashconv.reference import fftconv_ref
+
+        f = flashconv.fftconv if method == "fftconv_fb" else fftconv_ref
+        leaves = [t.requires_grad_() for t in (u, k, D)]
+        dy = dev(torch.randn(B, H, L, generator=gen))
+
+        def fb():
+            with torch.enable_grad():
+                f(*leaves).backward(dy)
+            for t in leaves:
+                t.grad = None
+        return fb, (u.numel() + k.numel() + D.numel()) * u.element_size()  # the gradients
     if method == "fftconv":
         return (lambda: flashconv.fftconv(u, k, D)), u.numel() * u.element_size()
     from flashconv.reference import fftconv_ref
@@ -224,6 +240,22 @@ def print_tables(rows, H, B):
         print("%9d %8.1f | %s %s %s | %s %s %s | %s" % (
             L, out, *[_fmt(r, "time_s", 1e3, "%9.1f") for r in rs],
             *[_fmt(r, "peak_mb", 1, "%8.1f") for r in rs], speed))
+    fb = [(by.get(("fftconv_fb", L)), by.get(("torch_ref_fb", L))) for L in lengths]
+    if any(a or b for a, b in fb):
+        print("\nForward + backward (autograd, gradients of u, k and D), B=%d H=%d float32: time "
+              "(ms, min) | peak extra memory (MB), gradients included" % (B, H))
+        hdr = "%9s | %9s %9s %7s | %9s %9s" % ("L", "fftconv", "torch_ref", "x_ref", "fftconv",
+                                                "torch_ref")
+        print(hdr)
+        print("-" * len(hdr))
+        for L, (a, b) in zip(lengths, fb):
+            if not (a or b):
+                continue
+            x = ("%7.2f" % (b["time_s"] / a["time_s"]) if a and b and "error" not in a
+                 and "error" not in b else "%7s" % "-")
+            print("%9d | %s %s %s | %s %s" % (
+                L, _fmt(a, "time_s", 1e3, "%9.1f"), _fmt(b, "time_s", 1e3, "%9.1f"), x,
+                _fmt(a, "peak_mb", 1, "%9.1f"), _fmt(b, "peak_mb", 1, "%9.1f")))
     short = [(by.get(("fft_full", L)), by.get(("overlap", L))) for L in lengths]
     if any(a or b for a, b in short):
         from flashconv._overlap import choose_block, overlap_save_cheaper
@@ -290,6 +322,8 @@ def main(argv=None):
                     "(default: theirs, i.e. all cores). On a CPU shared with other jobs, torch's "
                     "OpenMP threads spin-wait for each other and times swing by 10x; 1 is steadier")
     ap.add_argument("--no-short", action="store_true", help="skip the short-kernel section")
+    ap.add_argument("--no-backward", action="store_true",
+                    help="skip the forward+backward section (fftconv and torch_ref autograd)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     if args.child:
@@ -303,6 +337,8 @@ def main(argv=None):
         ap.error("--device cuda: torch sees no CUDA device")
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else LENGTHS)
     configs = [(m, L) for L in lengths for m in MAIN_METHODS]
+    if not args.no_backward:
+        configs += [(m, L) for L in lengths for m in FB_METHODS]
     if not args.no_short:
         configs += [(m, L) for L in lengths for m in SHORT_METHODS]
     env = _environment(device)
