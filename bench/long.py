@@ -166,13 +166,9 @@ def child(spec):
         times = []
         for _ in range(2):  # warm-up beyond the first call
             fn()
-        for _ in range(spec["reps"]):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e-3)
+        from bench._common import cuda_event_time
+
+        times = [cuda_event_time(fn) for _ in range(spec["reps"])]
     else:
         rss0 = _rss_bytes()
         t0 = time.perf_counter()
@@ -372,13 +368,9 @@ def main(argv=None):
                          "peak_mb: torch.cuda.max_memory_allocated during the first "
                          "call minus memory_allocated before it"),
               "env": env, "rows": rows, "wall_s": time.perf_counter() - t_start}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "long_%s_%s%s.json" % (datetime.date.today().isoformat(), env.get("gpu", "cpu").replace(" ", "-"),
-                                  "_quick" if args.quick else "")
-    path = out / name
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    print("\nreport: %s" % path)
+    from bench._common import report_path, write_report
+
+    write_report(report_path(args.out, "long", env.get("gpu", "cpu"), quick=args.quick), report)
     return 0
 
 

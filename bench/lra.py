@@ -37,7 +37,6 @@ import ctypes
 import dataclasses
 import datetime
 import gc
-import json
 import os
 import platform
 import re
@@ -57,6 +56,7 @@ for p in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(p))
 
 import flashconv  # noqa: E402
+from bench._common import cuda_event_time, report_path, write_report  # noqa: E402
 from flashconv.nn import S4D  # noqa: E402
 from sweep import cpu_name, git_commit  # noqa: E402
 
@@ -395,12 +395,7 @@ def measure(name, task, device, precision, steps, warmup, seed=0):
             times = []
             for _ in range(steps):
                 if cuda:
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    step()
-                    b.record()
-                    b.synchronize()
-                    times.append(a.elapsed_time(b) * 1e-3)
+                    times.append(cuda_event_time(step))
                 else:
                     t0 = time.perf_counter()
                     step()
@@ -651,13 +646,7 @@ def main(argv=None):
     report["wall_s"] = time.perf_counter() - t_start
     print_table(report)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "lra_%s_%s%s.json" % (datetime.date.today().isoformat(), dev_name.replace(" ", "-"),
-                                 "_quick" if shapes == "quick" else "")
-    path = out / name
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    print("\nreport: %s" % path)
+    write_report(report_path(args.out, "lra", dev_name, quick=shapes == "quick"), report)
     return 0
 
 

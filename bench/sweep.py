@@ -17,7 +17,6 @@ line with the elapsed time and an estimate of the time left.
 """
 import argparse
 import datetime
-import json
 import os
 import platform
 import socket
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import flashconv  # noqa: E402
+from bench._common import cuda_event_time, report_path, write_report  # noqa: E402
 from flashconv.reference import fftconv_ref, scipy_fftconv  # noqa: E402
 
 # CPU shapes (B, H, L, dtype, set): every power of two L from 256 to 256K at about 2M
@@ -105,15 +105,7 @@ def time_gpu(fn, reps=20, warmup=3):
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3)
-    return statistics.median(times)
+    return statistics.median(cuda_event_time(fn) for _ in range(reps))
 
 
 class Progress:
@@ -437,16 +429,11 @@ def main(argv=None):
         report["gpu"], report["gpu_rows"] = env, rows
         print_gpu_table(env, rows)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = report.get("gpu", {}).get("gpu", "cpu").replace(" ", "-")
-    name = "sweep_%s_%s_%s%s.json" % (datetime.date.today().isoformat(), device, report["commit"][:10],
-                                      "_quick" if args.quick else "")
-    path = out / name
+    path = report_path(args.out, "sweep", report.get("gpu", {}).get("gpu", "cpu"),
+                       report["commit"][:10], args.quick)
     if plt is not None:
         report["plot"] = path.with_suffix(".png").name
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    print("\nreport: %s" % path)
+    write_report(path, report)
     if plt is not None and write_plot(plt, report, path.with_suffix(".png")):
         print("plot:   %s" % path.with_suffix(".png"))
     return 0
