@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from flashconv._long import fftconv_long_backward, reference_forward
+from flashconv._long import fftconv_long_backward, reference_forward, two_level_plan
 from python_ref.conv import fftconv_grads
 
 KEYS = ("du", "dk", "dD", "dg_in", "dg_out", "dk_rev")
@@ -66,3 +66,40 @@ def test_long_backward_mask_and_half_io():
         floor = float(np.linalg.norm(torch.from_numpy(ref[key]).to(torch.bfloat16).double().numpy()
                                      - ref[key]) / np.linalg.norm(ref[key]))
         assert rel(g, ref[key]) <= 2 * floor + 1e-5, key  # one rounding, at the end
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("B,H,L,lk,n2", [(3, 2, 700, 700, 128), (2, 1, 1500, 90, 256)])
+def test_long_backward_through_emulated_kernel(B, H, L, lk, n2):
+    """The same composition with the two-level CUDA kernel itself, run by the CPU emulation
+    (tests/emu), as the forward: the conjugate spectrum goes through the real pass A/B/C
+    code (float32 io, as the backward uses it)."""
+    from tests.emu import build as emu
+    from tests.test_emu_fftconv import from_io, to_io
+
+    def emu_forward(u, k, D=None, g_in=None, g_out=None, k_rev=None, spectrum=None, n2=None):
+        assert g_in is None and g_out is None and k_rev is None and spectrum is not None
+        Bu, Hu, Lu = (int(s) for s in u.shape)
+        _, N1, N2 = two_level_plan(Lu, n2=n2)
+        K, k_exp = spectrum
+        inputs = {"u": to_io(u.double().numpy(), "f32"),
+                  "K": torch.view_as_real(K.resolve_conj()).numpy().astype(np.float32),
+                  "k_exp": k_exp.numpy().astype(np.int32)}
+        params = {"B": Bu, "H": Hu, "L": Lu, "N1": N1, "N2": N2, "num_sms": 2, "C": 0}
+        if D is not None:
+            inputs["D"] = D.numpy().astype(np.float32)
+            params["has_D"] = 1
+        y = emu.run("fftconv_long_f32", inputs, params=params).outputs["y"]
+        return torch.from_numpy(from_io(y, "f32")).float()
+
+    a = problem(B + L, B, H, L, lk)
+    t = {key: None if v is None else torch.from_numpy(v).float() for key, v in a.items()}
+    grads = fftconv_long_backward(t["dy"], t["u"], t["k"], t["D"], t["g_in"], t["g_out"],
+                                  forward=emu_forward, n2=n2)
+    ref = fftconv_grads(a["u"], a["k"], a["dy"], a["D"], a["g_in"], a["g_out"])
+    for key, g in zip(KEYS, grads):
+        if ref.get(key) is None:
+            continue
+        err = rel(g, ref[key])
+        print(key, "rel err %.2e" % err)
+        assert err < 2e-5, key
