@@ -54,10 +54,7 @@ def _padded(name, src, n, cdt, gate=None):
     shape = tuple(src.shape[:-1]) + (n,)
     entry = bufs.get(name)
     if entry is None or entry[0].shape != shape or entry[0].dtype != cdt:
-        entry = [torch.empty(shape, dtype=cdt), -1]
-        # Kept for the next call only when small: a long-row chunk (up to
-        # _LONG_CHUNK_BYTES) is not held on to after the call.
-        bufs[name] = entry if entry[0].nbytes <= _KEEP_BYTES else None
+        entry = bufs[name] = [torch.empty(shape, dtype=cdt), -1]
     buf, tail = entry
     if tail != L:
         buf[..., L:].zero_()
@@ -72,6 +69,14 @@ def _padded(name, src, n, cdt, gate=None):
 def release_workspaces():
     """Free this thread's workspaces (they are otherwise kept for the next call)."""
     _tls.bufs = {}
+
+
+def _trim():
+    """At the end of a call: drop this thread's workspaces above _KEEP_BYTES (long-row
+    chunks, up to _LONG_CHUNK_BYTES), keep the small ones for the next call."""
+    bufs = getattr(_tls, "bufs", {})
+    for name in [k for k, e in bufs.items() if e[0].nbytes > _KEEP_BYTES]:
+        del bufs[name]
 
 
 def chunks(B, H, n, itemsize, threads=None):
@@ -92,10 +97,6 @@ def chunks(B, H, n, itemsize, threads=None):
     return [(b, b + 1, h0, min(H, h0 + rows)) for b in range(B) for h0 in range(0, H, rows)]
 
 
-def _complex(cdt):
-    return torch.complex128 if cdt == torch.float64 else torch.complex64
-
-
 def _as(t, cdt):
     return t if t.dtype == cdt else t.to(cdt)
 
@@ -109,14 +110,24 @@ def kernel_spectrum(k, L, n, cdt, k_rev=None):
             return torch.fft.rfft(_padded("k", t[:, :L], n, cdt)[0])
         return torch.fft.rfft(_as(t[:, :L], cdt), n=n)
 
-    K = rfft(k)
-    if k_rev is not None:
-        K += rfft(k_rev).conj_physical()
+    try:
+        K = rfft(k)
+        if k_rev is not None:
+            K += rfft(k_rev).conj_physical()
+    finally:
+        _trim()
     return K
 
 
 def conv_forward(u, K, n, D=None, g_in=None, g_out=None):
     """y (B, H, L) in u's dtype from u and K = kernel_spectrum(k, L, n, cdt); any strides."""
+    try:
+        return _conv_forward(u, K, n, D, g_in, g_out)
+    finally:
+        _trim()
+
+
+def _conv_forward(u, K, n, D, g_in, g_out):
     B, H, L = u.shape
     cdt = K.real.dtype
     out = torch.empty(u.shape, dtype=u.dtype)
@@ -151,6 +162,15 @@ def conv_backward(dy, u, K, n, lk, D=None, g_in=None, g_out=None, need_u=True, n
     """Gradients of conv_forward: (du, dk (H, lk), dD, dg_in, dg_out, dk_rev (H, lk_rev)),
     None where not asked for or absent; du/dg_* in their input's dtype, dk/dk_rev/dD in the
     compute dtype (the caller casts and zero-fills taps >= L)."""
+    try:
+        return _conv_backward(dy, u, K, n, lk, D, g_in, g_out, need_u, need_k, need_D,
+                              need_gin, need_gout, lk_rev)
+    finally:
+        _trim()
+
+
+def _conv_backward(dy, u, K, n, lk, D, g_in, g_out, need_u, need_k, need_D, need_gin,
+                   need_gout, lk_rev):
     B, H, L = u.shape
     cdt = K.real.dtype
     need_gin = need_gin and g_in is not None

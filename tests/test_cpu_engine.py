@@ -126,3 +126,16 @@ def test_numpy_backward_matches_torch_backward():
         assert isinstance(g_np[key], np.ndarray) and g_np[key].dtype == np.float64
         np.testing.assert_allclose(g_np[key], g_t[key].numpy(), rtol=1e-12, atol=1e-12)
         assert rel(g_np[key], ref[key]) < 1e-12, key
+
+
+def test_large_workspaces_are_not_kept():
+    """Long-row chunks (several MB) are dropped at the end of the call; small ones are kept."""
+    _cpu_torch.release_workspaces()
+    u, k, D, _, _ = problem(1, 1, 8, 100000, 100000, gates=False)
+    ut, kt, Dt = f32(u, k, D)
+    y = flashconv.fftconv(ut, kt, Dt)
+    bufs = _cpu_torch._tls.bufs
+    assert all(e[0].nbytes <= _cpu_torch._KEEP_BYTES for e in bufs.values())
+    np.testing.assert_allclose(y.numpy(), flashconv.fftconv(u, k, D), rtol=1e-4, atol=1e-4)
+    flashconv.fftconv(*f32(*problem(2, 2, 3, 100, 100, gates=False)[:3]))
+    assert "x" in _cpu_torch._tls.bufs  # a small workspace stays for the next call
