@@ -99,15 +99,19 @@ def _pad_buffer(shape, dtype):
     return buf
 
 
-def _chunks(B, H, n, itemsize):
-    """Work items (b0, b1, h0, h1) whose padded buffers hold about _CHUNK_BYTES: several
-    whole batch rows when a row of H channels is small, else a range of channels of one."""
-    row = n * itemsize
-    if H * row <= _CHUNK_BYTES:
-        bc = max(1, _CHUNK_BYTES // (H * row))
+def row_chunks(B, H, rows):
+    """Work items (b0, b1, h0, h1) of about `rows` (B, H) rows each: several whole batch rows
+    when H <= rows, else ranges of `rows` channels of one batch row."""
+    rows = max(1, int(rows))
+    if H <= rows:
+        bc = max(1, rows // H)
         return [(b, min(B, b + bc), 0, H) for b in range(0, B, bc)]
-    hc = max(1, _CHUNK_BYTES // row)
-    return [(b, b + 1, h0, min(H, h0 + hc)) for b in range(B) for h0 in range(0, H, hc)]
+    return [(b, b + 1, h0, min(H, h0 + rows)) for b in range(B) for h0 in range(0, H, rows)]
+
+
+def _chunks(B, H, n, itemsize):
+    """Work items (b0, b1, h0, h1) whose padded buffers hold about _CHUNK_BYTES."""
+    return row_chunks(B, H, _CHUNK_BYTES // (n * itemsize))
 
 
 def _run(items, fn, total_elems):

@@ -28,6 +28,8 @@ import threading
 
 import torch
 
+from flashconv import _cpu
+
 # A chunk's padded real buffer targets _CHUNK_BYTES. Measured on the 2-core dev machine
 # (B*H*L = 0.5M-4M float32, min of 11 interleaved runs): for rows of n <= 16K points, 2 MB
 # beats 256 KB by 1.3-2.3x (per-call overheads) and 8-128 MB by 0-15% (out of L2). Rows of
@@ -89,12 +91,8 @@ def chunks(B, H, n, itemsize, threads=None):
     """
     threads = torch.get_num_threads() if threads is None else threads
     row = n * itemsize
-    rows = max((_LONG_CHUNK_BYTES if row >= _LONG_ROW_BYTES else _CHUNK_BYTES) // row,
-               2 * threads, 1)
-    if H <= rows:
-        bc = max(1, rows // H)
-        return [(b, min(B, b + bc), 0, H) for b in range(0, B, bc)]
-    return [(b, b + 1, h0, min(H, h0 + rows)) for b in range(B) for h0 in range(0, H, rows)]
+    rows = (_LONG_CHUNK_BYTES if row >= _LONG_ROW_BYTES else _CHUNK_BYTES) // row
+    return _cpu.row_chunks(B, H, max(rows, 2 * threads))
 
 
 def _as(t, cdt):
@@ -131,7 +129,6 @@ def _conv_forward(u, K, n, D, g_in, g_out):
     B, H, L = u.shape
     cdt = K.real.dtype
     out = torch.empty(u.shape, dtype=u.dtype)
-    direct = u.dtype == cdt
     Dc = None if D is None else _as(D, cdt).unsqueeze(-1)
     for b0, b1, h0, h1 in chunks(B, H, n, cdt.itemsize):
         sl = (slice(b0, b1), slice(h0, h1))
@@ -141,19 +138,11 @@ def _conv_forward(u, K, n, D, g_in, g_out):
         X = torch.fft.rfft(xp)
         X.mul_(K[h0:h1])
         z = torch.fft.irfft(X, n=n)[..., :L]
-        o = out[sl]
-        # The last pass writes the output chunk itself when no cast is needed.
-        if g_out is None and Dc is not None and direct:
-            torch.addcmul(z, x, Dc[h0:h1], out=o)
-            continue
         if Dc is not None:
             z.addcmul_(x, Dc[h0:h1])
-        if g_out is not None and direct:
-            torch.mul(z, g_out[sl], out=o)
-            continue
         if g_out is not None:
             z.mul_(g_out[sl])
-        o.copy_(z)
+        out[sl].copy_(z)
     return out
 
 
