@@ -301,7 +301,7 @@ def reference_forward(u, k, D=None, g_in=None, g_out=None, k_rev=None, spectrum=
     tensors on any device: the CPU stand-in tests use for the CUDA passes."""
     import torch
     B, H, L = (int(s) for s in u.shape)
-    _, N1, N2 = two_level_plan(L, n2=n2) if n2 is not None else two_level_plan(L)
+    _, N1, N2 = two_level_plan(L, n2=n2)
 
     def np64(t):
         return None if t is None else t.detach().cpu().to(torch.float64).numpy()

@@ -189,11 +189,10 @@ def fft_kernel(k, L, *, dtype=None, k_rev=None):
             return KernelSpectrum(spec, L, lk, n, dname, kind, str(k.device), "monarch", exp)
         spec, n, _, _ = _torch_spectrum(k.detach(), None, 0, L, torch.float64, k_rev)
         return KernelSpectrum(spec, L, lk, n, dname, kind, str(k.device))
-    n = _cpu.fft_size(L, max(lk, lkr))
     if kind == "torch":
-        spec = _cpu_torch.kernel_spectrum(k.detach(), L, n, getattr(torch, dname),
-                                          None if k_rev is None else k_rev.detach())
+        spec, n, _, _ = _cpu_spectrum(k, None, 0, L, getattr(torch, dname), k_rev)
     else:
+        n = _cpu.fft_size(L, max(lk, lkr))
         spec = _cpu.kernel_spectrum(k, L, n, np.dtype(dname), k_rev)
     return KernelSpectrum(spec, L, lk, n, dname, kind, "cpu")
 
@@ -656,16 +655,8 @@ def _cuda_overlap_block(u, k, k_rev):
     1.14x the input: cheaper by construction; the crossover has not been measured on a GPU."""
     if u.device.type != "cuda" or k.is_complex() or k_rev is not None:
         return 0
-    ext = _ext.extension()
-    if ext is None or u.dtype not in _DTYPE_CODES or _ext.cuda_device_count() == 0:
-        return 0
-    B, H, L = u.shape
-    lk = min(int(k.shape[1]), int(L))
-    max_n = ext.fftconv_fwd_max_n(_DTYPE_CODES[u.dtype])
-    bytes_per = 4 if u.dtype == torch.bfloat16 else 8
-    while max_n * bytes_per > _max_smem(u.device.index) and max_n > 32:
-        max_n //= 2
-    P = _overlap.gpu_block(lk, max_n // 2)
+    L = int(u.shape[-1])
+    P = _overlap.gpu_block(min(int(k.shape[1]), L), _fused_max_n(u) // 2)
     return P if P is not None and L > P else 0
 
 
@@ -884,20 +875,29 @@ def _fused_ok(u, k, k_exponent=None, n=0, backward=False):
     """
     if isinstance(k, KernelSpectrum):
         k, k_exponent, n = _op_kernel(k)
-    ext = _ext.extension()
-    if ext is None or u.dtype not in _DTYPE_CODES or _ext.cuda_device_count() == 0:
-        return False
     B, H, L = u.shape
     if B * H * L == 0:
         return False
     N = fused_fft_size(L)
     if k.is_complex() and (k_exponent is None or n != N):  # only a Monarch-order spectrum
         return False
+    return N <= _fused_max_n(u, backward)
+
+
+def _fused_max_n(u, backward=False):
+    """The largest FFT size the fused forward (backward) kernel runs for u's dtype on u's
+    device: the kernel's own limit, halved until its rows fit in the opt-in shared memory;
+    0 where the extension, a GPU or the dtype is missing."""
+    ext = _ext.extension()
+    if ext is None or u.dtype not in _DTYPE_CODES or _ext.cuda_device_count() == 0:
+        return 0
     code = _DTYPE_CODES[u.dtype]
     bytes_per = 4 if u.dtype == torch.bfloat16 else 8  # complex fp16 (bf16 io) or fp32 on chip
     rows = 2 if backward else 1  # the backward keeps two rows on chip
     max_n = ext.fftconv_bwd_max_n(code) if backward else ext.fftconv_fwd_max_n(code)
-    return N <= max_n and rows * N * bytes_per <= _max_smem(u.device.index)
+    while max_n and rows * max_n * bytes_per > _max_smem(u.device.index):
+        max_n //= 2
+    return max_n
 
 
 _SMEM = {}
