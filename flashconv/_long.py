@@ -47,14 +47,15 @@ def long_order(N1, N2):
     return (monarch_perm(N1)[:, None] + N1 * monarch_perm(N2)[None, :]).reshape(-1)
 
 
-def long_spectrum(k, L, N1, N2, k_rev=None):
+def long_spectrum(k, L, N1, N2, k_rev=None, precision=None):
     """The kernels' K and k_exp for the two-level plan: FFT of k[:, :L] (plus conj(FFT(k_rev
-    [:, :L])) for a bidirectional convolution) at N = N1 * N2 in float64, in long_order, scaled
-    per channel by 2^-e with max |K| < 2^e; (H, N1, N2) complex64 and (H,) int32. k: numpy
-    array or torch tensor (the result is of the same kind, on k's device)."""
+    [:, :L])) for a bidirectional convolution) at N = N1 * N2, in long_order, scaled per channel
+    by 2^-e with max |K| < 2^e; (H, N1, N2) complex64 and (H,) int32. k: numpy array (float64
+    transform) or torch tensor (the result on k's device, the transform in `precision`, a torch
+    float dtype, default float64; the order computed on the device: no host-to-device copy)."""
     N = N1 * N2
-    order = long_order(N1, N2)
     if isinstance(k, np.ndarray):
+        order = long_order(N1, N2)
         K = np.fft.fft(np.asarray(k[:, :L], np.float64), n=N)
         if k_rev is not None:
             K = K + np.conj(np.fft.fft(np.asarray(k_rev[:, :L], np.float64), n=N))
@@ -63,12 +64,15 @@ def long_spectrum(k, L, N1, N2, k_rev=None):
         K = K * np.ldexp(1.0, -e)[:, None]
         return K.astype(np.complex64).reshape(-1, N1, N2), e.astype(np.int32)
     import torch
-    K = torch.fft.fft(k[:, :L].detach().to(torch.float64), n=N)
+
+    from flashconv.plan import device_long_order
+    precision = torch.float64 if precision is None else precision
+    K = torch.fft.fft(k[:, :L].detach().to(precision), n=N)
     if k_rev is not None:
-        K = K + torch.fft.fft(k_rev[:, :L].detach().to(torch.float64), n=N).conj()
-    K = K.index_select(1, torch.as_tensor(order.copy(), device=K.device))
+        K = K + torch.fft.fft(k_rev[:, :L].detach().to(precision), n=N).conj()
+    K = K.index_select(1, device_long_order(N1, N2, K.device))
     _, e = torch.frexp(K.abs().amax(dim=1))
-    K = torch.ldexp(K, (-e).unsqueeze(1).to(torch.float64))
+    K = torch.ldexp(K, (-e).unsqueeze(1).to(precision))
     return (K.to(torch.complex64).reshape(-1, N1, N2).contiguous(),
             e.to(torch.int32).contiguous())
 
@@ -126,11 +130,11 @@ _DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 def long_plan_for(u, L=None, n2=None):
     """(N, N1, N2) for a CUDA tensor u: N2 as large as the dtype's on-chip limit and the
     device's opt-in shared memory allow (or `n2`, forced)."""
-    from flashconv import _ext
+    from flashconv.engines import _cuda
     dname = str(u.dtype).replace("torch.", "")
     L = int(u.shape[-1]) if L is None else L
     if n2 is None:
-        smem = _ext.extension().max_shared_memory(u.device.index)
+        smem = _cuda.max_smem(u.device.index)
         max_n2 = MAX_N2[dname]
         while max_n2 * BYTES_PER[dname] + 1024 > smem and max_n2 > 16:  # + static smem
             max_n2 //= 2
@@ -141,7 +145,7 @@ def long_plan_for(u, L=None, n2=None):
 def long_applies(u):
     """True if fftconv_long_forward serves u: a CUDA (B, H, L) float16/bfloat16/float32
     tensor, the extension built with fftconv_long_fwd, N = fused_fft_size(L) <= 2^24
-    (L <= 8M). The caller decides when to prefer it: where the fused kernel does not apply."""
+    (L <= 8M). The engine table (flashconv/engines/cuda_two_level.py) decides when it is used."""
     from flashconv import _ext
     ext = _ext.extension()
     if ext is None or not hasattr(ext, "fftconv_long_fwd") or not getattr(u, "is_cuda", False):
@@ -223,27 +227,28 @@ def fftconv_long_backward(dy, u, k, D=None, g_in=None, g_out=None, k_rev=None, m
                           max_chunk_bytes=MAX_CHUNK_BYTES):
     """Gradients (du, dk, dD, dg_in, dg_out, dk_rev) of fftconv_long_forward (None where
     mask, a 6-tuple of bools, says not needed or the input is absent), for L beyond the fused
-    backward kernel. The convolution's adjoint is a convolution with the conjugate spectrum
-    (DESIGN.md section 2; N >= 2L keeps the correlation free of wrap-around), so, per chunk of
-    channels (float32 intermediates under max_chunk_bytes):
+    backward kernel: flashconv.grads.compose_backward (the formulas, stated once) over chunks
+    of channels (float32 intermediates under max_chunk_bytes), with these primitives:
 
-      dz = g_out dy (float32);  dx = forward(dz) with spectrum (conj(K), k_exp) and D
-        = sum_s k[s] dz[t+s] (+ k_rev's negative lags) + D dz, computed in float32;
-      du = g_in dx;  dg_in = u dx;  dD = sum_{b,t} dz x;
-      dg_out = dy z, z = forward(x) with (K, k_exp) and D, no gates (only if needed);
-      dk, dk_rev = the lags s >= 0 / s <= 0 of irfft(sum_b conj(X_b) DZ_b) (torch.fft at the
+      adjoint(dz) = forward(dz) with spectrum (conj(K), k_exp): the convolution's adjoint is a
+        convolution with the conjugate spectrum (N >= 2L keeps it free of wrap-around);
+      conv(x)     = forward(x) with (K, k_exp) (dg_out only);
+      dk, dk_rev  = the lags s >= 0 / s <= 0 of irfft(sum_b conj(X_b) DZ_b) (torch.fft at the
         same N, over chunks of batch rows: at most max_corr_bytes of spectra at a time).
 
     forward: the two-level forward to use (default fftconv_long_forward, CUDA); tests pass the
-    numpy mirror. dx is computed from float32 dz whatever the io dtype (one rounding, at the
-    end), so the inner size is the float32 one. The caller validates shapes."""
+    numpy mirror. Everything is computed in float32 whatever the io dtype (one rounding, at
+    the end), so the inner size is the float32 one; K is transformed in float32 for 16-bit io
+    and float64 for float32 io (flashconv.spectrum.spectrum_precision). The caller validates
+    shapes."""
     import torch
+
+    from flashconv.grads import compose_backward, fft_correlate
+    from flashconv.spectrum import spectrum_precision
     forward = fftconv_long_forward if forward is None else forward
     B, H, L = (int(s) for s in u.shape)
-    need_u, need_k, need_D, need_gi, need_go, need_kr = (
-        (True,) * 6 if mask is None else tuple(bool(m) for m in mask))
-    need_gi, need_go = need_gi and g_in is not None, need_go and g_out is not None
-    need_D, need_kr = need_D and D is not None, need_kr and k_rev is not None
+    present = (True, True, D is not None, g_in is not None, g_out is not None, k_rev is not None)
+    mask = present if mask is None else tuple(bool(m) and p for m, p in zip(mask, present))
     f32 = torch.float32
     if getattr(u, "is_cuda", False):
         N, N1, N2 = long_plan_for(u.new_empty((0,), dtype=f32), L, n2)
@@ -251,49 +256,32 @@ def fftconv_long_backward(dy, u, k, D=None, g_in=None, g_out=None, k_rev=None, m
         N, N1, N2 = two_level_plan(L, MAX_N2["float32"], n2)
     lk = min(int(k.shape[1]), L)
     lkr = 0 if k_rev is None else min(int(k_rev.shape[1]), L)
+    precision = spectrum_precision(u.dtype)
+    spectra = {}
 
-    def new(t, want):
-        return t.new_zeros(t.shape) if want else None
+    def spectrum(h):
+        if h.start not in spectra:
+            spectra.clear()  # one chunk of channels at a time
+            spectra[h.start] = long_spectrum(k[h], L, N1, N2,
+                                             None if k_rev is None else k_rev[h], precision)
+        return spectra[h.start]
 
-    du, dgi, dgo = new(u, need_u), new(g_in, need_gi), new(g_out, need_go)
-    dk, dD, dkr = new(k, need_k), new(D, need_D), new(k_rev, need_kr)
-    hc = max(1, min(H, int(max_chunk_bytes) // (12 * B * L)))
-    for h0 in range(0, H, hc):
-        h = slice(h0, min(H, h0 + hc))
-        rows = (slice(None), h)
-        dz = dy[rows].to(f32) if g_out is None else dy[rows].to(f32) * g_out[rows].to(f32)
-        x = u[rows].to(f32) if g_in is None else u[rows].to(f32) * g_in[rows].to(f32)
-        K, kexp = long_spectrum(k[h], L, N1, N2, None if k_rev is None else k_rev[h])
-        Df = None if D is None else D[h].detach().to(f32)
-        if need_u or need_gi:
-            dx = forward(dz, None, Df, spectrum=(K.conj_physical(), kexp), n2=N2)
-            if need_u:
-                du[rows] = dx if g_in is None else dx * g_in[rows].to(f32)
-            if need_gi:
-                dgi[rows] = dx * u[rows].to(f32)
-            del dx
-        if need_go:
-            dgo[rows] = dy[rows].to(f32) * forward(x, None, Df, spectrum=(K, kexp), n2=N2)
-        if need_D:
-            dD[h] = (dz * x).sum(dim=(0, 2))
-        if need_k or need_kr:
-            hn = h.stop - h0
-            bc = max(1, int(max_corr_bytes) // (2 * 8 * hn * (N // 2 + 1)))
-            corr = None
-            for b0 in range(0, B, bc):
-                X = torch.fft.rfft(x[b0:b0 + bc], n=N)
-                X.conj_physical_()
-                X *= torch.fft.rfft(dz[b0:b0 + bc], n=N)
-                part = X.sum(0)
-                corr = part if corr is None else corr.add_(part)
-                del X
-            if need_k:
-                dk[h, :lk] = torch.fft.irfft(corr, n=N)[:, :lk]
-            if need_kr:
-                dkr[h, :lkr] = torch.fft.irfft(corr.conj_physical(), n=N)[:, :lkr]
-            del corr
-        del dz, x
-    return du, dk, dD, dgi, dgo, dkr
+    def adjoint(dz, h):
+        K, kexp = spectrum(h)
+        return forward(dz, None, None, spectrum=(K.conj_physical(), kexp), n2=N2)
+
+    def conv(x, h):
+        return forward(x, None, None, spectrum=spectrum(h), n2=N2)
+
+    def correlate(x, dz, h):
+        hn = h.stop - h.start
+        rows = int(max_corr_bytes) // (2 * 8 * hn * (N // 2 + 1))
+        return fft_correlate(x, dz, N, lk if mask[1] else 0, lkr if mask[5] else 0,
+                             batch_rows=max(1, rows))
+
+    return compose_backward(dy, u, k, D, g_in, g_out, k_rev, mask, f32, conv=conv,
+                            adjoint=adjoint, correlate=correlate,
+                            channels_per_chunk=max(1, int(max_chunk_bytes) // max(1, 12 * B * L)))
 
 
 def reference_forward(u, k, D=None, g_in=None, g_out=None, k_rev=None, spectrum=None, n2=None):

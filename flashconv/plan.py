@@ -49,3 +49,65 @@ def monarch_perm(N):
         weight *= r
     freq.setflags(write=False)
     return freq
+
+
+# --- plan data on a device ------------------------------------------------------------------
+#
+# The CUDA host path must not copy from pageable host memory on every call (a synchronisation,
+# and an error under CUDA graph capture). The permutations are therefore computed on the
+# device from torch.arange (digit arithmetic, no host data) and cached per (device, N).
+
+_DEVICE_PLANS = {}
+
+
+def _perm_from_positions(i, N):
+    """monarch_perm(N)[i] by digit arithmetic on a torch tensor of positions i."""
+    radices = fft_plan(N)
+    freq = i.new_zeros(i.shape)
+    rest = i
+    weights = []
+    w = 1
+    for r in radices:
+        weights.append(w)
+        w *= r
+    for r, w in zip(reversed(radices), reversed(weights)):  # last digit is least significant
+        freq += (rest % r) * w
+        rest = rest // r
+    return freq
+
+
+def _capturing(device):
+    import torch
+
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def device_perm(N, device):
+    """monarch_perm(N) as an int64 tensor on `device`, computed there (no host-to-device copy)
+    and cached per (device, N); read-only by convention. While the current CUDA stream is
+    being captured into a graph the result is computed into the graph and not cached (its
+    values exist only once the graph is replayed)."""
+    import torch
+
+    device = torch.device(device)
+    key = ("perm", str(device), int(N))
+    t = _DEVICE_PLANS.get(key)
+    if t is None:
+        t = _perm_from_positions(torch.arange(int(N), device=device), int(N))
+        if not _capturing(device):
+            _DEVICE_PLANS[key] = t
+    return t
+
+
+def device_long_order(N1, N2, device):
+    """flashconv._long.long_order(N1, N2) as an int64 tensor on `device` (see device_perm)."""
+    import torch
+
+    device = torch.device(device)
+    key = ("long", str(device), int(N1), int(N2))
+    t = _DEVICE_PLANS.get(key)
+    if t is None:
+        t = (device_perm(N1, device)[:, None] + N1 * device_perm(N2, device)[None, :]).reshape(-1)
+        if not _capturing(device):
+            _DEVICE_PLANS[key] = t
+    return t

@@ -1,6 +1,6 @@
 """flashconv.fftconv as a torch operator: opcheck, torch.compile, gradcheck, the backward op.
 
-The operators are flashconv::fftconv and flashconv::fftconv_bwd (flashconv/ops.py). Only
+The operators are flashconv::fftconv and flashconv::fftconv_bwd (flashconv/_torch_op.py). Only
 one test compiles with inductor (its cold start costs most of this file's time on a small
 CPU); the others use the aot_eager backend, which runs the same Dynamo trace and the same
 AOT autograd graph (fake tensors, the registered autograd formula) without code generation.
@@ -10,7 +10,11 @@ import pytest
 import torch
 
 import flashconv
-from flashconv import ops
+from flashconv import problem
+from flashconv.engines import torch_fft
+from flashconv.plan import fused_fft_size
+from flashconv.problem import Operands
+from flashconv.spectrum import cuda_fft_size, monarch_spectrum
 from python_ref.conv import causal_conv_direct, fftconv_grads
 
 FWD = torch.ops.flashconv.fftconv.default
@@ -211,13 +215,15 @@ def test_torch_fft_path_matches_reference(L, Lk, gates):
     y_ref = causal_conv_direct(*(np64(t) for t in (u, k, D, gi, go)))
     g_ref = fftconv_grads(np64(u), np64(k), np64(dy), D=np64(D), g_in=np64(gi), g_out=np64(go))
     mask = (True, True, True, gates, gates, False)
-    nat = torch.fft.rfft(k[:, :L].double(), n=ops._cuda_fft_size(L, min(L, Lk))).to(torch.complex64)
-    N = ops.fused_fft_size(L)
-    mon, exp = ops._monarch_spectrum(k, min(L, Lk), N)
+    nat = torch.fft.rfft(k[:, :L].double(), n=cuda_fft_size(L, min(L, Lk))).to(torch.complex64)
+    N = fused_fft_size(L)
+    mon, exp = monarch_spectrum(k, min(L, Lk), N)
     for what, kk, kexp, n in (("taps", k, None, 0), ("rfft", nat, None, nat.shape[1] * 2 - 2),
                               ("monarch", mon, exp, N)):
-        y = ops._forward_torch_fft(u, kk, D, gi, go, kexp, n)
-        grads = ops._backward_torch_fft(dy, u, kk, D, gi, go, kexp, n, ops._grad_mask(kk, D, gi, go, mask))
+        a = Operands(u, kk, D, gi, go, None, kexp, n)
+        y = torch_fft.forward(problem.from_arrays(a), a)
+        p = problem.from_arrays(a, "backward", mask)
+        grads = torch_fft.backward(p, a, dy, p.mask)
         errs = {key: rel_err(g, g_ref[key]) for key, g in zip(("du", "dk", "dD", "dg_in", "dg_out"), grads)
                 if g is not None}
         print(what, "y %.3g" % rel_err(y, y_ref), {key: "%.3g" % e for key, e in errs.items()})

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import flashconv
-from flashconv import _ext, ops
+from flashconv import _ext, dispatch
+from flashconv.problem import Operands, from_arrays
 from flashconv.reference import fftconv_ref
 from python_ref.conv import causal_conv_direct, fftconv as ref_fftconv
 
@@ -30,8 +31,9 @@ def torch_same_dtype(u, k, D, g_in, g_out):
     return (y if g_out is None else y * g_out.float()).to(u.dtype)
 
 
-def fused_used(u, k):
-    return ops._fused_ok(u, k)
+def fused_used(u, k, backward=False):
+    p = from_arrays(Operands(u, k), "backward" if backward else "forward")
+    return dispatch.select(p).NAME == "cuda_fused"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,7 +104,12 @@ def test_precomputed_spectrum_matches():
     k = torch.randn(16, 3000, device="cuda")
     ks = flashconv.fft_kernel(k, 3000)
     assert ks.layout == "monarch"
-    assert torch.equal(flashconv.fftconv(u, ks), flashconv.fftconv(u, k))
+    # fft_kernel transforms k in float64; fftconv's own spectrum for bf16 io in float32
+    # (flashconv/spectrum.py): equal up to the bf16 output rounding.
+    y_ks, y_k = flashconv.fftconv(u, ks).float(), flashconv.fftconv(u, k).float()
+    assert (y_ks - y_k).norm() <= 4e-3 * y_k.norm()
+    u32 = u.float()
+    assert torch.equal(flashconv.fftconv(u32, ks), flashconv.fftconv(u32, k))  # float64 both
 
 
 def test_nan_propagates():
@@ -151,7 +158,7 @@ def grads_case(B, H, L, dtype, gates=True, bidirectional=False, seed=0):
     u, k, D = rnd(B, H, L), rnd(H, L, dt=torch.float32), rnd(H, dt=torch.float32)
     gi, go = (rnd(B, H, L), rnd(B, H, L)) if gates else (None, None)
     kr = rnd(H, L // 2 + 1, dt=torch.float32) if bidirectional else None
-    assert ops._fused_ok(u, k, backward=True)
+    assert fused_used(u, k, backward=True)
     y = flashconv.fftconv(u, k, D, g_in=gi, g_out=go, k_rev=kr)
     dy = torch.randn(B, H, L, device="cuda", generator=gen).to(dtype)
     y.backward(dy)
@@ -159,8 +166,10 @@ def grads_case(B, H, L, dtype, gates=True, bidirectional=False, seed=0):
     ref = fftconv_grads(np64(u), np64(k), np64(dy), np64(D), np64(gi), np64(go), k_rev=np64(kr))
     # the torch.fft reference at the same dtype: autograd through the torch.fft path
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (u, k, D, gi, go, kr)]
-    y_t = ops._forward_torch_fft(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], None, 0, leaves[5])
-    y_t.backward(dy)
+    with flashconv.use_engines("torch_fft"):
+        y_t = flashconv.fftconv(leaves[0], leaves[1], leaves[2], g_in=leaves[3], g_out=leaves[4],
+                                k_rev=leaves[5])
+        y_t.backward(dy)
     for t, tt, key in zip((u, k, D, gi, go, kr), leaves, ("du", "dk", "dD", "dg_in", "dg_out", "dk_rev")):
         if t is None:
             continue

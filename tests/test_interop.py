@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flashconv
-from flashconv import ops
+from flashconv import dispatch
 from python_ref.conv import causal_conv_direct, fftconv_grads
 
 KEYS = ("du", "dk", "dD", "dg_in", "dg_out")
@@ -83,13 +83,13 @@ def engine_inputs(monkeypatch):
     """Records the tensors the operator hands to the device dispatch, and what it returns."""
     seen = []
 
-    def spy(u, k, D, g_in, g_out, k_exponent, n, k_rev=None):
-        y = forward(u, k, D, g_in, g_out, k_exponent, n, k_rev)
-        seen.append({"u": u, "k": k, "D": D, "g_in": g_in, "g_out": g_out, "y": y})
+    def spy(p, a):
+        y = forward(p, a)
+        seen.append({"u": a.u, "k": a.k, "D": a.D, "g_in": a.g_in, "g_out": a.g_out, "y": y})
         return y
 
-    forward = ops._forward_impl
-    monkeypatch.setattr(ops, "_forward_impl", spy)
+    forward = dispatch.run_forward
+    monkeypatch.setattr(dispatch, "run_forward", spy)
     return seen
 
 
@@ -263,8 +263,8 @@ def test_cupy_non_default_stream(monkeypatch):
         streams.append(torch.cuda.current_stream().cuda_stream)
         return forward(*args)
 
-    forward = ops._forward_impl
-    monkeypatch.setattr(ops, "_forward_impl", spy)
+    forward = dispatch.run_forward
+    monkeypatch.setattr(dispatch, "run_forward", spy)
     s = cp.cuda.Stream(non_blocking=True)
     with s:
         u, k, D, gi, go = _cupy_inputs(cp, "float32", H=64, L=4096, seed=3)  # produced on s

@@ -47,30 +47,41 @@ def test_block_too_small_and_gpu_block():
 
 
 def test_cuda_overlap_rule(monkeypatch):
-    """The CUDA dispatch rule (_cuda_overlap_block) with the extension's limits mocked: short
-    kernels beyond the fused size get a block, long kernels and short inputs do not."""
+    """The CUDA overlap-save engine's check (engines/cuda_overlap_save.py) with the extension's
+    limits mocked: short kernels beyond the fused size get a block, long kernels and short
+    inputs do not."""
     from types import SimpleNamespace
 
-    from flashconv import ops
+    from flashconv.engines import _cuda, cuda_overlap_save
+    from flashconv.problem import from_shape
 
     fwd_max = {0: 16384, 1: 16384, 2: 32768}  # float32, float16, bfloat16 (fftconv_fwd.h)
-    monkeypatch.setattr(ops._ext, "extension",
+    monkeypatch.setattr(_cuda._ext, "extension",
                         lambda: SimpleNamespace(fftconv_fwd_max_n=lambda code: fwd_max[code]))
-    monkeypatch.setattr(ops._ext, "cuda_device_count", lambda: 1)
-    monkeypatch.setattr(ops, "_max_smem", lambda device: 227 * 1024)
+    monkeypatch.setattr(_cuda._ext, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(_cuda, "max_smem", lambda device: 227 * 1024)
+    _cuda.reset()
 
-    def block(L, lk, dtype=torch.bfloat16, k_rev=None, device="cuda"):
-        u = SimpleNamespace(device=SimpleNamespace(type=device, index=0), dtype=dtype, shape=(2, 3, L))
-        return ops._cuda_overlap_block(u, torch.zeros(3, lk), k_rev)
+    def block(L, lk, dtype="bfloat16", k_rev=False, device="cuda"):
+        p = from_shape(2, 3, L, dtype, device, Lk=lk, Lk_rev=5 if k_rev else None)
+        why = cuda_overlap_save.check(p)
+        return 0 if why else cuda_overlap_save.block(p)
 
-    assert block(100000, 64) == 512
-    assert block(100000, 1) == 256
-    assert block(1 << 20, 2048) == 16384            # bf16: fused inputs up to 16K
-    assert block(1 << 20, 2048, torch.float32) == 0  # float32: fused inputs up to 8K
-    assert block(1 << 20, 1024, torch.float32) == 8192
-    assert block(1 << 20, 2049) == 0
-    assert block(200, 1) == 0                        # L within one block: the fused kernel
-    assert block(100000, 64, k_rev=torch.zeros(3, 5)) == 0
-    assert block(100000, 64, device="cpu") == 0
-    monkeypatch.setattr(ops, "_max_smem", lambda device: 100 * 1024)  # less shared memory
-    assert block(1 << 20, 2048) == 0 and block(1 << 20, 1024) == 8192
+    try:
+        assert block(100000, 64) == 512
+        assert block(100000, 1) == 256
+        assert block(1 << 20, 2048) == 16384            # bf16: fused inputs up to 16K
+        assert block(1 << 20, 2048, "float32") == 0      # float32: fused inputs up to 8K
+        assert block(1 << 20, 1024, "float32") == 8192
+        assert block(1 << 20, 2049) == 0
+        assert block(200, 1) == 0                        # L within one block: the fused kernel
+        assert block(100000, 64, k_rev=True) == 0
+        assert block(100000, 64, device="cpu") == 0
+        assert block(100000, 64, "float64") == 0
+        monkeypatch.setattr(_cuda, "max_smem", lambda device: 100 * 1024)  # less shared memory
+        assert block(1 << 20, 2048) == 0 and block(1 << 20, 1024) == 8192
+        p = from_shape(2, 3, 1 << 20, "bfloat16", "cuda", Lk=2049)
+        assert "too long" in cuda_overlap_save.check(p)
+        assert cuda_overlap_save.check(p.with_direction("backward")) == "forward only"
+    finally:
+        _cuda.reset()
