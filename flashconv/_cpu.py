@@ -24,12 +24,28 @@ Backward: dz = g_out dy;  dx = irfft(rfft(dz) * conj(K))[:L] + D dz  (a causal
 correlation: N >= L + Lk - 1 keeps the wrap-around out of t < L);
 dk = irfft(sum_b conj(X_b) * DZ_b)[:Lk];  dD = sum_{b,t} dz x.
 """
+import bisect
 import concurrent.futures
+import functools
+import importlib
 import os
 import threading
 
 import numpy as np
-import scipy.fft as sfft
+
+
+class _LazyModule:
+    """A module imported on first attribute access: scipy.fft costs ~0.5 s to import (it
+    pulls in scipy.special and numpy.f2py), and torch users of the CPU engine never need it."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+sfft = _LazyModule("scipy.fft")
 
 # A chunk's padded real buffer targets this many bytes: small enough that the
 # rfft -> product -> irfft sequence of a chunk stays in L2.
@@ -62,8 +78,35 @@ def _executor():
 
 
 def fft_size(L, lk):
-    """FFT length for a causal linear convolution of L outputs with lk taps (lk = 0: none)."""
-    return int(sfft.next_fast_len(max(L + max(lk, 1) - 1, 1), real=True))
+    """FFT length for a causal linear convolution of L outputs with lk taps (lk = 0: none):
+    the smallest 5-smooth length >= L + lk - 1 (scipy.fft.next_fast_len(n, real=True))."""
+    return next_fast_len(max(L + max(lk, 1) - 1, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _smooth_numbers(limit_bits):
+    """Sorted 2^a 3^b 5^c <= 2^limit_bits."""
+    top = 1 << limit_bits
+    out = []
+    p5 = 1
+    while p5 <= top:
+        p35 = p5
+        while p35 <= top:
+            v = p35
+            while v <= top:
+                out.append(v)
+                v *= 2
+            p35 *= 3
+        p5 *= 5
+    return sorted(out)
+
+
+def next_fast_len(n):
+    """The smallest 5-smooth integer >= n >= 1: what scipy.fft.next_fast_len(n, real=True)
+    returns, without importing scipy.fft."""
+    n = int(n)
+    table = _smooth_numbers(max(8, n.bit_length() + 1))
+    return table[bisect.bisect_left(table, n)]
 
 
 def kernel_spectrum(k, L, n, dtype, k_rev=None):

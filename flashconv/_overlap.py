@@ -18,10 +18,11 @@ Forward only: the lead wires it into fftconv's CPU dispatch (overlap_save_cheape
 import math
 
 import numpy as np
-import scipy.fft as sfft
 from numpy.lib.stride_tricks import as_strided
 
 from flashconv import _cpu
+
+sfft = _cpu.sfft  # scipy.fft, imported on first use
 
 __all__ = ["overlap_save", "overlap_save_cheaper", "choose_block"]
 
