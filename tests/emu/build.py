@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -100,11 +101,14 @@ class Result:
     returncode: int
     stderr: str
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    # With counters=True: one dict per launch (kernel, grid, threads, smem_bytes, regions), as
+    # tests/emu/driver.cpp writes hw::emu::launches().
+    counters: list = field(default_factory=list)
 
 
 def run(case: str, inputs: dict[str, np.ndarray] | None = None, variant: str = "plain",
         sm: int = 80, params: dict[str, int] | None = None, check: bool = True,
-        timeout: float = 300) -> Result:
+        timeout: float = 300, counters: bool = False) -> Result:
     """Runs driver case `case`; with check, a non-zero exit raises with the driver's stderr."""
     exe = driver(variant)
     inputs = inputs or {}
@@ -113,13 +117,14 @@ def run(case: str, inputs: dict[str, np.ndarray] | None = None, variant: str = "
         for name, a in inputs.items():
             np.save(d / f"{name}.npy", np.ascontiguousarray(a))
         args = [str(exe), case, str(d), f"sm={sm}"]
-        args += [f"{k}={v}" for k, v in (params or {}).items()]
+        args += [f"{k}={v}" for k, v in {**(params or {}), **({"counters": 1} if counters else {})}.items()]
         p = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
                            env={**os.environ, **SANITIZER_ENV})
         outputs = {f.stem: np.load(f) for f in d.glob("*.npy") if f.stem not in inputs}
+        stats = json.loads((d / "counters.json").read_text()) if (d / "counters.json").exists() else []
     if check and p.returncode != 0:
         raise AssertionError(f"{case} [{variant}] exited with {p.returncode}:\n{p.stderr}")
-    return Result(p.returncode, p.stderr, outputs)
+    return Result(p.returncode, p.stderr, outputs, stats)
 
 
 @functools.cache

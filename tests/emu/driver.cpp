@@ -317,6 +317,53 @@ hw::Error fftconv_long(Io& io) {
   return flashconv::fftconv_long_launch<T>(p, int(param_or(io, "num_sms", 1)), nullptr);
 }
 
+// The emulator's counters (hw::emu::launches()) as JSON: a list of launches, each with its
+// regions in order of first appearance.
+void write_counters(const std::string& path) {
+  std::ofstream f(path);
+  auto smem = [&](const hw::emu::SmemStats& s) {
+    f << "{\"instr\": " << s.instr << ", \"wavefronts\": " << s.wavefronts
+      << ", \"ideal\": " << s.ideal << ", \"bytes\": " << s.bytes << "}";
+  };
+  auto global = [&](const std::map<std::string, hw::emu::GlobalStats>& m) {
+    f << "{";
+    const char* sep = "";
+    for (const auto& [tensor, g] : m) {
+      f << sep << "\"" << tensor << "\": {\"requests\": " << g.requests << ", \"sectors\": "
+        << g.sectors << ", \"bytes\": " << g.bytes << ", \"first\": " << g.first << "}";
+      sep = ", ";
+    }
+    f << "}";
+  };
+  f << "[";
+  const char* lsep = "";
+  for (const auto& l : hw::emu::launches()) {
+    f << lsep << "\n {\"kernel\": \"" << l.kernel << "\", \"grid\": [" << l.grid_x << ", "
+      << l.grid_y << "], \"threads\": " << l.threads << ", \"smem_bytes\": " << l.smem_bytes
+      << ", \"regions\": [";
+    const char* rsep = "";
+    for (const auto& name : l.order) {
+      const auto& r = l.regions.at(name);
+      f << rsep << "\n  {\"name\": \"" << name << "\", \"lds\": ";
+      smem(r.lds);
+      f << ", \"sts\": ";
+      smem(r.sts);
+      f << ", \"ldg\": ";
+      global(r.ldg);
+      f << ", \"stg\": ";
+      global(r.stg);
+      f << ", \"barriers\": " << r.barriers << ", \"mma\": " << r.mma << ", \"shfl\": " << r.shfl
+        << ", \"warp_syncs\": " << r.warp_syncs << ", \"ld_rounds_dram\": " << r.ld_rounds_dram
+        << ", \"ld_rounds_l2\": " << r.ld_rounds_l2 << "}";
+      rsep = ",";
+    }
+    f << "]}";
+    lsep = ",";
+  }
+  f << "\n]\n";
+  if (!f) throw std::runtime_error("cannot write " + path);
+}
+
 const std::map<std::string, Case> cases = {
     {"fftconv_long_f32", fftconv_long<float>},
     {"fftconv_long_f16", fftconv_long<hw::half_t>},
@@ -349,6 +396,13 @@ const std::map<std::string, Case> cases = {
     {"dft256_bf16", dft256<hw::bf16_t>},
     {"convert_f16", convert<hw::half_t>},
     {"convert_bf16", convert<hw::bf16_t>},
+    {"counters",
+     [](Io& io) {
+       auto x = io.in<float>("x");  // (2048,)
+       auto& y = io.out<float>("y", {64});
+       if (x.size() < 2048) throw std::runtime_error("counters: x needs 2048 floats");
+       return proof::launch_counters(x.ptr(), y.ptr(), nullptr);
+     }},
     {"racy", out_only<proof::launch_racy>},
     {"early_exit", out_only<proof::launch_early_exit>},
     {"deadlock", out_only<proof::launch_deadlock>},
@@ -383,12 +437,14 @@ int main(int argc, char** argv) {
     const int sm = io.params.count("sm") ? io.param("sm") : 80;
     if (!hw::emu::set_target_sm(sm))
       throw std::runtime_error("unknown target sm=" + std::to_string(sm));
+    hw::emu::config().counters = io.params.count("counters") && io.param("counters");
     const hw::Error err = cases.at(argv[1])(io);
     if (err != hw::Success) {
       std::fprintf(stderr, "%s: launch failed: %s\n", argv[1], hw::error_string(err));
       return 3;
     }
     for (auto& save : io.savers) save();
+    if (hw::emu::config().counters) write_counters(io.dir + "/counters.json");
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s: %s\n", argv[1], e.what());
     return 2;

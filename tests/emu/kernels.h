@@ -224,6 +224,74 @@ hw::Error launch_convert(const float* x, T* y, float* back, int n, hw::Stream st
   return hw::launch(convert_kernel<T>, {4, 1}, 128, 0, stream, x, y, back, n);
 }
 
+// ---------------------------------------------------------------- counters
+// Access patterns with hand-computed costs, one region each (tests/test_emu_counters.py holds
+// the expected counts). 64 threads (two warps), x: 2048 floats of input, y: 2048 floats out.
+// Shared memory: 32 x 33 floats (a padded 32 x 32 matrix) then 512 words for wide accesses.
+struct alignas(8) u32x2 {
+  uint32_t a, b;
+};
+struct alignas(16) u32x4 {
+  uint32_t a, b, c, d;
+};
+
+FC_GLOBAL void counters_kernel(const float* __restrict__ x, float* __restrict__ y) {
+  alignas(128) FC_SHARED float s[32 * 33 + 512];
+  float* wide = s + 32 * 33 + 32;  // 128-byte aligned: 32 * 33 + 32 = 1088 = 34 * 32 words
+  const int t = hw::thread_idx(), lane = hw::lane_id();
+  float acc = 0.f;
+  for (int i = t; i < 32 * 33 + 512; i += hw::block_dim()) hw::sts(s + i, float(i));
+  hw::sync_block();
+  if (hw::warp_id() == 0) {
+    hw::region("coalesced");  // 128 bytes in 4 sectors
+    acc += hw::ldg(x + lane, "x");
+    hw::region("strided");  // 32 floats 128 bytes apart: 32 sectors, 4 bytes used in each
+    acc += hw::ldg(x + 32 * lane, "x");
+    hw::region("half");  // 2-byte loads: 64 bytes in 2 sectors
+    acc += float(hw::ldg(reinterpret_cast<const uint16_t*>(x) + lane, "x"));
+    hw::region("row");  // s[lane]: every bank once, 1 wavefront
+    acc += hw::lds(s + lane);
+    hw::region("broadcast");  // one word for all lanes: 1 wavefront
+    acc += hw::lds(s + 5);
+    hw::region("column");  // stride 32 words: one bank, 32 wavefronts
+    acc += hw::lds(s + 32 * lane);
+    hw::region("padded");  // stride 33 words: 32 banks, 1 wavefront
+    acc += hw::lds(s + 33 * lane);
+    hw::region("swizzled");  // row lane, column 7 ^ lane of a 32-word-row matrix: 1 wavefront
+    acc += hw::lds(s + 32 * lane + (7 ^ lane));
+    hw::region("wide64");  // 8 bytes per lane, contiguous: 2 half-warp wavefronts
+    const u32x2 w2 = hw::lds(reinterpret_cast<const u32x2*>(wide) + lane);
+    acc += float(w2.a ^ w2.b);
+    hw::region("wide64_stride2");  // 8 bytes at stride 16: 2-way within each half-warp -> 4
+    const u32x2 w2s = hw::lds(reinterpret_cast<const u32x2*>(wide) + 2 * lane);
+    acc += float(w2s.a ^ w2s.b);
+    hw::region("wide128");  // 16 bytes per lane, contiguous: 4 quarter-warp wavefronts
+    const u32x4 w4 = hw::lds(reinterpret_cast<const u32x4*>(wide) + lane);
+    acc += float(w4.a ^ w4.b ^ w4.c ^ w4.d);
+    hw::region("diverged");  // odd lanes a row (1), even lanes a column (16): 2 instr, 17
+    if (lane & 1) {
+      acc += hw::lds(s + lane);
+    } else {
+      acc += hw::lds(s + 32 * lane);
+    }
+    hw::region("tail");  // 40 elements over 32 lanes: 2 instructions (32 + 8 lanes), 1 each
+    for (int i = lane; i < 40; i += 32) acc += hw::lds(s + i);
+    hw::region("rounds");  // 3 iterations of 2 loads: 3 dependent rounds, first reads
+    for (int i = 0; i < 3; ++i)
+      acc += hw::ldg(x + 1024 + 64 * i + lane, "x") + hw::ldg(x + 1024 + 64 * i + 32 + lane, "x");
+    hw::region("rounds_again");  // the same sectors again: 3 rounds, none a first read
+    for (int i = 0; i < 3; ++i)
+      acc += hw::ldg(x + 1024 + 64 * i + lane, "x") + hw::ldg(x + 1024 + 64 * i + 32 + lane, "x");
+  }
+  hw::region("store");  // both warps: 64 floats = 8 sectors, all first writes
+  hw::stg(y + t, acc, "y");
+  hw::sync_block();  // counted in region "store"
+}
+
+inline hw::Error launch_counters(const float* x, float* y, hw::Stream stream) {
+  return hw::launch(counters_kernel, {1, 1}, 64, 0, stream, x, y);
+}
+
 // ---------------------------------------------------------------- broken on purpose
 
 // Reuses a shared buffer without a second barrier: after the barrier, thread t reads slot t + 1

@@ -21,6 +21,7 @@ hw::Error instantiate_all(hw::Stream s) {
   keep(launch_dft256<hw::bf16_t>(f, f, f, 2, s));
   keep(launch_convert(f, h, f, 1, s));
   keep(launch_convert(f, b, f, 1, s));
+  keep(launch_counters(f, f, s));
   keep(launch_racy(f, s));
   keep(launch_early_exit(f, s));
   keep(launch_deadlock(f, s));

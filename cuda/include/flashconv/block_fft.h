@@ -109,27 +109,27 @@ FC_DEVICE void stage_twiddle(int64_t pos, int64_t S, bool inverse, float& wr, fl
   wi = inverse ? -s : s;
 }
 
-// Storage of one complex value between stages.
-FC_DEVICE void load_c(const cf32& v, float& re, float& im) {
+// Storage of one complex value between stages, in shared memory (the caller's site counts).
+FC_DEVICE void load_c(const cf32* p, float& re, float& im, hw::Site at = hw::Site::current()) {
+  const cf32 v = hw::lds(p, at);
   re = v.re;
   im = v.im;
 }
-FC_DEVICE void load_c(const cf16& v, float& re, float& im) {
+FC_DEVICE void load_c(const cf16* p, float& re, float& im, hw::Site at = hw::Site::current()) {
+  const cf16 v = hw::lds(p, at);
   re = hw::to_float(v.re);
   im = hw::to_float(v.im);
 }
-FC_DEVICE void store_c(cf32& v, float re, float im, int*) {
-  v.re = re;
-  v.im = im;
+FC_DEVICE void store_c(cf32* p, float re, float im, int*, hw::Site at = hw::Site::current()) {
+  hw::sts(p, cf32{re, im}, at);
 }
-FC_DEVICE void store_c(cf16& v, float re, float im, int* overflow) {
+FC_DEVICE void store_c(cf16* p, float re, float im, int* overflow, hw::Site at = hw::Site::current()) {
   if (!(fabsf(re) <= kFp16Max && fabsf(im) <= kFp16Max) && finite(re) && finite(im)) {
     *overflow = 1;  // the calling thread's own flag; the row is redone at a smaller scale
     re = fminf(fmaxf(re, -kFp16Max), kFp16Max);
     im = fminf(fmaxf(im, -kFp16Max), kFp16Max);
   }
-  v.re = hw::from_float<half_t>(re);
-  v.im = hw::from_float<half_t>(im);
+  hw::sts(p, cf16{hw::from_float<half_t>(re), hw::from_float<half_t>(im)}, at);
 }
 
 // Epilogue of an in-place stage: optional twiddle of the stage with stride tw_S (0: none),
@@ -146,7 +146,7 @@ struct StoreShared {
       stage_twiddle(pos, tw_S, tw_inverse, wr, wi);
       cmul(re, im, wr, wi);
     }
-    store_c(buf[pos], re, im, overflow);
+    store_c(buf + pos, re, im, overflow);
   }
 };
 
@@ -218,7 +218,7 @@ FC_DEVICE void stage_simt(Store* buf, int64_t N, int64_t S, bool inverse, bool z
       if (zero_upper && i >= R / 2) {
         re[i] = im[i] = 0.f;
       } else {
-        load_c(buf[base + i * S], re[i], im[i]);
+        load_c(buf + base + i * S, re[i], im[i]);
       }
     }
     dft_small<R>(re, im, inverse, scale);
@@ -268,8 +268,8 @@ FC_DEVICE void stage_tc16(cf16* buf, int64_t N, int64_t S, bool inverse, bool ze
       FC_UNROLL
       for (int reg = 0; reg < 2; ++reg) {
         if (zero_upper && reg == 1) continue;  // rows 8..15 read the causal zero padding
-        const cf16 x0 = buf[base + (2 * t + 8 * reg) * S];
-        const cf16 x1 = buf[base + (2 * t + 1 + 8 * reg) * S];
+        const cf16 x0 = hw::lds(buf + base + (2 * t + 8 * reg) * S);
+        const cf16 x1 = hw::lds(buf + base + (2 * t + 1 + 8 * reg) * S);
         br[reg] = hw::pack2(x0.re, x1.re);
         bi[reg] = hw::pack2(x0.im, x1.im);
       }
@@ -328,18 +328,30 @@ struct Gains {
   FC_HOST_DEVICE static int round_trip_exp(const Plan& p) { return 2 * transform_exp(p); }
 };
 
+// Counter regions (hw::region) of radix-16 stage s, forward and inverse.
+FC_DEVICE const char* stage_region(int s, bool inverse) {
+  switch (s) {
+    case 0: return inverse ? "inv.s0" : "fwd.s0";
+    case 1: return inverse ? "inv.s1" : "fwd.s1";
+    case 2: return inverse ? "inv.s2" : "fwd.s2";
+    default: return inverse ? "inv.s3" : "fwd.s3";
+  }
+}
+
 // Forward block FFT, in place, natural -> Monarch order. Entries [0, N/2) of buf hold the
 // (scaled) row; [N/2, N) are causal zero padding and are never read. Ends with a barrier.
 template <class S>
 FC_DEVICE void block_fft_forward(S* buf, int64_t N, const Plan& plan, const Dft16Fragments& F,
                                  int* overflow) {
   for (int s = 0; s < plan.n16; ++s) {  // X = F16 @ X; X = X * tw (where a stage follows)
+    hw::region(stage_region(s, false));
     const int64_t Ss = stage_stride(N, s);
     const bool twiddle = s + 1 < plan.n16 || plan.r > 1;
     stage16(buf, N, Ss, false, s == 0, F, StoreShared<S>{buf, twiddle ? Ss : 0, false, overflow});
     hw::sync_block();
   }
   if (plan.r > 1) {  // X = F_r @ X on contiguous groups of r
+    hw::region("fwd.r");
     stage_last(buf, N, plan.r, false, Gains<S>::last_scale(plan), StoreShared<S>{buf, 0, false, overflow});
     hw::sync_block();
   }
@@ -354,16 +366,19 @@ template <class S, class Out>
 FC_DEVICE void block_fft_inverse(S* buf, int64_t N, const Plan& plan, const Dft16Fragments& F,
                                  int* overflow, const Out& out, bool full = false) {
   if (plan.r > 1) {  // X = conj(F_r) @ X; X = conj(tw of stage n16-1)
+    hw::region("inv.r");
     stage_last(buf, N, plan.r, true, Gains<S>::last_scale(plan),
                StoreShared<S>{buf, stage_stride(N, plan.n16 - 1), true, overflow});
     hw::sync_block();
   }
   for (int s = plan.n16 - 1; s >= 1; --s) {  // X = conj(F16) @ X; X = conj(tw of stage s-1)
+    hw::region(stage_region(s, true));
     stage16(buf, N, stage_stride(N, s), true, false, F,
             StoreShared<S>{buf, stage_stride(N, s - 1), true, overflow});
     hw::sync_block();
   }
   const int64_t limit = full ? N : N / 2;
+  hw::region(stage_region(0, true));  // with the caller's epilogue
   stage16(buf, N, stage_stride(N, 0), true, false, F, [&](int64_t n, float re, float im) {
     if (n < limit) out(n, re, im);
   });

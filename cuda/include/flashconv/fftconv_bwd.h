@@ -45,8 +45,8 @@ constexpr size_t bwd_smem_bytes(int64_t N) {
 // A float kept in the storage slot of element n (the first 4 bytes of slot n): an inverse
 // stage writes element n's slot only after its warp (or thread) has read it.
 template <class S>
-FC_DEVICE float& slot_float(S* buf, int64_t n) {
-  return *reinterpret_cast<float*>(buf + n);
+FC_DEVICE float* slot_float(S* buf, int64_t n) {
+  return reinterpret_cast<float*>(buf + n);
 }
 
 template <class T>
@@ -59,16 +59,21 @@ FC_GLOBAL void fftconv_bwd_kernel(BwdParams p) {
   const int64_t N = p.N, L = p.L, h = hw::block_idx_x();
   const Plan plan = make_plan(N);
   const Dft16Fragments F = kTensorCores<T> ? dft16_fragments() : Dft16Fragments{};
-  const float d = p.D ? p.D[h] : 0.f;
-  const int kexp = p.spec.k_exp[h];
+  const float d = p.D ? hw::ldg(p.D + h, "D") : 0.f;
+  const int kexp = hw::ldg(p.spec.k_exp + h, "k_exp");
   const int trip = Gains<S>::round_trip_exp(plan) - log2_int(N);
   const cf32* K = p.spec.K + h * N;
-  auto x_at = [&](int64_t b, int64_t t) { return gated<T>(load<T>(p.u, b, h, t), p.g_in, b, h, t); };
-  auto dz_at = [&](int64_t b, int64_t t) { return gated<T>(load<T>(p.dy, b, h, t), p.g_out, b, h, t); };
+  auto x_at = [&](int64_t b, int64_t t, hw::Site at = hw::Site::current()) {
+    return gated<T>(load<T>(p.u, b, h, t, "u", at), p.g_in, b, h, t, "g_in", at);
+  };
+  auto dz_at = [&](int64_t b, int64_t t, hw::Site at = hw::Site::current()) {
+    return gated<T>(load<T>(p.dy, b, h, t, "dy", at), p.g_out, b, h, t, "g_out", at);
+  };
   float dD_acc = 0.f;  // this thread's share of sum dz x over its CTA's pairs
 
   for (int64_t b0 = 2 * int64_t(hw::block_idx_y()); b0 < p.B; b0 += 2 * int64_t(hw::grid_dim_y())) {
     // 1. scales and dD
+    hw::region("max");
     float mx = 0.f, mdz = 0.f;
     for (int64_t t = hw::thread_idx(); t < L; t += hw::block_dim()) {
       for (int64_t b = b0; b < b0 + 2 && b < p.B; ++b) {
@@ -85,20 +90,24 @@ FC_GLOBAL void fftconv_bwd_kernel(BwdParams p) {
       const int ex = scale_exponent(mx) + 12 * attempt, edz = scale_exponent(mdz) + 12 * attempt;
       int overflow = 0;
       // 2. A = FFT(dz), B = FFT(x)
+      hw::region("load");
       load_pair(A, N, L, p.B, b0, ldexpf(1.f, -edz), &overflow, dz_at);
       block_fft_forward(A, N, plan, F, &overflow);
+      hw::region("load");
       load_pair(Bf, N, L, p.B, b0, ldexpf(1.f, -ex), &overflow, x_at);
       block_fft_forward(Bf, N, plan, F, &overflow);
       // 3. B = conj(X) DZ (dk), A = DZ conj(K) (dx)
+      hw::region("multiply");
       for (int64_t i = hw::thread_idx(); i < N; i += hw::block_dim()) {
         float ar, ai, xr, xi;
-        load_c(A[i], ar, ai);
-        load_c(Bf[i], xr, xi);
+        load_c(A + i, ar, ai);
+        load_c(Bf + i, xr, xi);
         float pr = ar, pi = ai;
         cmul(pr, pi, xr, -xi);
-        store_c(Bf[i], pr, pi, &overflow);
-        cmul(ar, ai, K[i].re, -K[i].im);
-        store_c(A[i], ar, ai, &overflow);
+        store_c(Bf + i, pr, pi, &overflow);
+        const cf32 k = hw::ldg(K + i, "K");
+        cmul(ar, ai, k.re, -k.im);
+        store_c(A + i, ar, ai, &overflow);
       }
       hw::sync_block();
       // 4. dx = IFFT(A) + D dz -> du = g_in dx, dg_in = u dx
@@ -107,12 +116,13 @@ FC_GLOBAL void fftconv_bwd_kernel(BwdParams p) {
         if (t >= L) return;
         each_row(b0, p.B, re, im, [&](int64_t b, float v) {
           const float dx = v * undo_dx + (p.D ? d * dz_at(b, t) : 0.f);
-          store<T>(p.du, b, h, t, gated<T>(dx, p.g_in, b, h, t));
-          if (p.dg_in.p) store<T>(p.dg_in, b, h, t, dx * load<T>(p.u, b, h, t));
+          store<T>(p.du, b, h, t, gated<T>(dx, p.g_in, b, h, t, "g_in"), "du");
+          if (p.dg_in.p) store<T>(p.dg_in, b, h, t, dx * load<T>(p.u, b, h, t, "u"), "dg_in");
         });
       });
       // 5. dg_out = dy z, z = IFFT(FFT(x) K) + D x  (A is free again)
       if (p.dg_out.p) {
+        hw::region("load");
         load_pair(A, N, L, p.B, b0, ldexpf(1.f, -ex), &overflow, x_at);
         block_fft_forward(A, N, plan, F, &overflow);
         multiply_spectrum(A, K, N, false, &overflow);
@@ -121,7 +131,7 @@ FC_GLOBAL void fftconv_bwd_kernel(BwdParams p) {
           if (t >= L) return;
           each_row(b0, p.B, re, im, [&](int64_t b, float v) {
             const float z = v * undo_z + (p.D ? d * x_at(b, t) : 0.f);
-            store<T>(p.dg_out, b, h, t, z * load<T>(p.dy, b, h, t));
+            store<T>(p.dg_out, b, h, t, z * load<T>(p.dy, b, h, t, "dy"), "dg_out");
           });
         });
       }
@@ -131,17 +141,19 @@ FC_GLOBAL void fftconv_bwd_kernel(BwdParams p) {
       const float undo_dk = ldexpf(1.f, ex + edz + trip + Gains<S>::transform_exp(plan));
       const bool rev = p.dk_rev != nullptr;
       block_fft_inverse(Bf, N, plan, F, &overflow, [&](int64_t t, float re, float) {
-        if (t < p.lk || (rev && N - t < p.lk_rev)) slot_float(Bf, t) = re * undo_dk;
+        if (t < p.lk || (rev && N - t < p.lk_rev)) hw::sts(slot_float(Bf, t), re * undo_dk);
       }, rev);
       // An overflowed fp16 store was clamped: redo the pair at a smaller scale (outputs are
       // rewritten; nothing has been added to dk yet).
+      hw::region("overflow");
       const bool any_overflow = block_reduce<false>(float(overflow), red) > 0.f;
       if (any_overflow && finite_in && attempt < 2) continue;
+      hw::region("dk");
       for (int64_t t = hw::thread_idx(); t < p.lk; t += hw::block_dim())
-        hw::atomic_add(p.dk + h * p.lk + t, slot_float(Bf, t));
+        hw::atomic_add(p.dk + h * p.lk + t, hw::lds(slot_float(Bf, t)), "dk");
       if (rev) {
         for (int64_t s = hw::thread_idx(); s < p.lk_rev; s += hw::block_dim())
-          hw::atomic_add(p.dk_rev + h * p.lk_rev + s, slot_float(Bf, s ? N - s : 0));
+          hw::atomic_add(p.dk_rev + h * p.lk_rev + s, hw::lds(slot_float(Bf, s ? N - s : 0)), "dk_rev");
       }
       hw::sync_block();  // B is rewritten by the next pair
       break;
@@ -149,7 +161,7 @@ FC_GLOBAL void fftconv_bwd_kernel(BwdParams p) {
   }
   if (p.dD) {
     dD_acc = block_reduce<true>(dD_acc, red);
-    if (hw::thread_idx() == 0) hw::atomic_add(p.dD + h, dD_acc);
+    if (hw::thread_idx() == 0) hw::atomic_add(p.dD + h, dD_acc, "dD");
   }
 }
 

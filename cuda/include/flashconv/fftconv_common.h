@@ -22,20 +22,24 @@ constexpr bool kTensorCores = std::is_same_v<T, bf16_t>;
 template <class T>
 using StorageFor = std::conditional_t<kTensorCores<T>, cf16, cf32>;
 
+// Element (b, h, t) of a (B, H, L) tensor named `tensor` (for the counters).
 template <class T>
-FC_DEVICE float load(const View3& v, int64_t b, int64_t h, int64_t t) {
-  return hw::to_float(static_cast<const T*>(v.p)[b * v.sb + h * v.sh + t * v.st]);
+FC_DEVICE float load(const View3& v, int64_t b, int64_t h, int64_t t, const char* tensor,
+                     hw::Site at = hw::Site::current()) {
+  return hw::to_float(hw::ldg(static_cast<const T*>(v.p) + (b * v.sb + h * v.sh + t * v.st), tensor, at));
 }
 
 template <class T>
-FC_DEVICE void store(const MutView3& v, int64_t b, int64_t h, int64_t t, float x) {
-  static_cast<T*>(v.p)[b * v.sb + h * v.sh + t * v.st] = hw::from_float<T>(x);
+FC_DEVICE void store(const MutView3& v, int64_t b, int64_t h, int64_t t, float x,
+                     const char* tensor, hw::Site at = hw::Site::current()) {
+  hw::stg(static_cast<T*>(v.p) + (b * v.sb + h * v.sh + t * v.st), hw::from_float<T>(x), tensor, at);
 }
 
 // a * b where b is an optional gate (absent: 1).
 template <class T>
-FC_DEVICE float gated(float a, const View3& gate, int64_t b, int64_t h, int64_t t) {
-  return gate.p ? a * load<T>(gate, b, h, t) : a;
+FC_DEVICE float gated(float a, const View3& gate, int64_t b, int64_t h, int64_t t,
+                      const char* tensor, hw::Site at = hw::Site::current()) {
+  return gate.p ? a * load<T>(gate, b, h, t, tensor, at) : a;
 }
 
 // NaN-propagating max, so a NaN input is seen by the reduction.
@@ -50,10 +54,13 @@ FC_DEVICE float block_reduce(float v, float* red) {
     const float o = hw::shfl_xor(v, off);
     v = kSum ? v + o : max_nan(v, o);
   }
-  if (hw::lane_id() == 0) red[hw::warp_id()] = v;
+  if (hw::lane_id() == 0) hw::sts(red + hw::warp_id(), v);
   hw::sync_block();
   float r = 0.f;
-  for (int w = 0; w < hw::block_dim() / 32; ++w) r = kSum ? r + red[w] : max_nan(r, red[w]);
+  for (int w = 0; w < hw::block_dim() / 32; ++w) {
+    const float o = hw::lds(red + w);
+    r = kSum ? r + o : max_nan(r, o);
+  }
   hw::sync_block();
   return r;
 }
@@ -82,7 +89,7 @@ FC_DEVICE void load_pair(S* buf, int64_t N, int64_t L, int64_t B, int64_t b0, fl
       re = f(b0, t) * scale;
       if (b0 + 1 < B) im = f(b0 + 1, t) * scale;
     }
-    store_c(buf[t], re, im, overflow);
+    store_c(buf + t, re, im, overflow);
   }
   hw::sync_block();
 }
@@ -91,11 +98,13 @@ FC_DEVICE void load_pair(S* buf, int64_t N, int64_t L, int64_t B, int64_t b0, fl
 // fp32 registers; then a barrier.
 template <class S>
 FC_DEVICE void multiply_spectrum(S* buf, const cf32* K, int64_t N, bool conj_k, int* overflow) {
+  hw::region("multiply");
   for (int64_t i = hw::thread_idx(); i < N; i += hw::block_dim()) {
     float re, im;
-    load_c(buf[i], re, im);
-    cmul(re, im, K[i].re, conj_k ? -K[i].im : K[i].im);
-    store_c(buf[i], re, im, overflow);
+    load_c(buf + i, re, im);
+    const cf32 k = hw::ldg(K + i, "K");
+    cmul(re, im, k.re, conj_k ? -k.im : k.im);
+    store_c(buf + i, re, im, overflow);
   }
   hw::sync_block();
 }

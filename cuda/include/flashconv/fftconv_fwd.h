@@ -55,12 +55,15 @@ FC_GLOBAL void fftconv_fwd_kernel(FwdParams p) {
   const int64_t N = p.N, L = p.L, h = hw::block_idx_x();
   const Plan plan = make_plan(N);
   const Dft16Fragments F = kTensorCores<T> ? dft16_fragments() : Dft16Fragments{};
-  const float d = p.D ? p.D[h] : 0.f;
-  const int undo_exp = p.spec.k_exp[h] + Gains<S>::round_trip_exp(plan) - log2_int(N);
-  auto x_at = [&](int64_t b, int64_t t) { return gated<T>(load<T>(p.u, b, h, t), p.g_in, b, h, t); };
+  const float d = p.D ? hw::ldg(p.D + h, "D") : 0.f;
+  const int undo_exp = hw::ldg(p.spec.k_exp + h, "k_exp") + Gains<S>::round_trip_exp(plan) - log2_int(N);
+  auto x_at = [&](int64_t b, int64_t t, hw::Site at = hw::Site::current()) {
+    return gated<T>(load<T>(p.u, b, h, t, "u", at), p.g_in, b, h, t, "g_in", at);
+  };
 
   for (int64_t b0 = 2 * int64_t(hw::block_idx_y()); b0 < p.B; b0 += 2 * int64_t(hw::grid_dim_y())) {
     // 1. the pair's max |x|, for the load scale 2^-e
+    hw::region("max");
     float m = 0.f;
     for (int64_t t = hw::thread_idx(); t < L; t += hw::block_dim()) {
       m = max_nan(m, fabsf(x_at(b0, t)));
@@ -71,6 +74,7 @@ FC_GLOBAL void fftconv_fwd_kernel(FwdParams p) {
       const int e = scale_exponent(m) + 12 * attempt;
       int overflow = 0;  // this thread's fp16 stores that overflowed; OR-reduced below
       // 2. z = (x_b0 + i x_b1) * 2^-e, zero-padded to N/2
+      hw::region("load");
       load_pair(buf, N, L, p.B, b0, ldexpf(1.f, -e), &overflow, x_at);
       // 3. forward stages: X = F16 @ X; X = X * tw
       block_fft_forward(buf, N, plan, F, &overflow);
@@ -83,10 +87,11 @@ FC_GLOBAL void fftconv_fwd_kernel(FwdParams p) {
         each_row(b0, p.B, re, im, [&](int64_t b, float conv) {
           float y = conv * undo;
           if (p.D) y += d * x_at(b, t);
-          store<T>(p.y, b, h, t, gated<T>(y, p.g_out, b, h, t));
+          store<T>(p.y, b, h, t, gated<T>(y, p.g_out, b, h, t, "g_out"), "y");
         });
       });
       // An overflowed fp16 store was clamped: redo the pair at a smaller scale.
+      hw::region("overflow");
       const bool any_overflow = block_reduce<false>(float(overflow), red) > 0.f;
       if (!(any_overflow && finite(m) && attempt < 2)) break;
     }

@@ -112,7 +112,7 @@ struct StoreTile {
       stage_twiddle(pos / C, tw_S, inverse, wr, wi);
       cmul(re, im, wr, wi);
     }
-    tile[pos] = cf32{re, im};
+    hw::sts(tile + pos, cf32{re, im});
   }
 };
 
@@ -160,9 +160,12 @@ FC_GLOBAL void fftconv_long_outer_fwd_kernel(LongParams p) {
   const int64_t N = p.N, N1 = p.N1, N2 = p.N2, C = p.C, L = p.L, h = hw::block_idx_x();
   const Plan pl = make_plan(N1);
   const int64_t pairs = (p.B + 1) / 2, tiles = N2 / C, items = pairs * tiles;
-  auto x_at = [&](int64_t b, int64_t t) { return gated<T>(load<T>(p.u, b, h, t), p.g_in, b, h, t); };
+  auto x_at = [&](int64_t b, int64_t t, hw::Site at = hw::Site::current()) {
+    return gated<T>(load<T>(p.u, b, h, t, "u", at), p.g_in, b, h, t, "g_in", at);
+  };
   for (int64_t item = hw::block_idx_y(); item < items; item += hw::grid_dim_y()) {
     const int64_t pair = item / tiles, c0 = (item % tiles) * C, b0 = 2 * pair;
+    hw::region("load");
     for (int64_t i = hw::thread_idx(); i < N1 / 2 * C; i += hw::block_dim()) {
       const int64_t t = (i / C) * N2 + c0 + (i % C);
       float re = 0.f, im = 0.f;
@@ -170,16 +173,17 @@ FC_GLOBAL void fftconv_long_outer_fwd_kernel(LongParams p) {
         re = x_at(b0, t);
         if (b0 + 1 < p.B) im = x_at(b0 + 1, t);
       }
-      tile[i] = cf32{re, im};
+      hw::sts(tile + i, cf32{re, im});
     }
     hw::sync_block();
     cf32* ws = p.ws + (pair * p.H + h) * N;
+    hw::region("outer");
     outer_forward(tile, N1, C, pl, [&](int64_t pos, float re, float im) {
       const int64_t p1 = pos / C, n2 = c0 + pos % C;
       float wr, wi;
       twiddle_n(monarch_freq(p1, pl) * n2, N, false, wr, wi);
       cmul(re, im, wr, wi);
-      ws[p1 * N2 + n2] = cf32{re, im};
+      hw::stg(ws + p1 * N2 + n2, cf32{re, im}, "ws");
     });
   }
 }
@@ -235,29 +239,35 @@ FC_GLOBAL void fftconv_long_inner_kernel(LongParams p) {
     const cf32* K = p.spec.K + (h * N1 + p1) * N2;
     float m = 0.f;  // the row's max |re|, |im|, for the row scale 2^-e
     if (Gains<S>::kScaled) {
-      for (int64_t i = hw::thread_idx(); i < N2; i += hw::block_dim())
-        m = max_nan(m, max_nan(fabsf(row[i].re), fabsf(row[i].im)));
+      hw::region("max");
+      for (int64_t i = hw::thread_idx(); i < N2; i += hw::block_dim()) {
+        const cf32 v = hw::ldg(row + i, "ws");
+        m = max_nan(m, max_nan(fabsf(v.re), fabsf(v.im)));
+      }
       m = block_reduce<false>(m, red);
     }
     for (int attempt = 0;; ++attempt) {
       int e, overflow = 0;
+      hw::region("load");
       if (Gains<S>::kScaled) {  // fp16 storage: scale on the way in
         e = scale_exponent(m) + 12 * attempt;
         const float scale = ldexpf(1.f, -e);
-        for (int64_t i = hw::thread_idx(); i < N2; i += hw::block_dim())
-          store_c(buf[i], row[i].re * scale, row[i].im * scale, &overflow);
+        for (int64_t i = hw::thread_idx(); i < N2; i += hw::block_dim()) {
+          const cf32 v = hw::ldg(row + i, "ws");
+          store_c(buf + i, v.re * scale, v.im * scale, &overflow);
+        }
       } else {  // fp32 storage: one read of the row; its max on the way, then scale in place
         for (int64_t i = hw::thread_idx(); i < N2; i += hw::block_dim()) {
-          const cf32 v = row[i];
+          const cf32 v = hw::ldg(row + i, "ws");
           m = max_nan(m, max_nan(fabsf(v.re), fabsf(v.im)));
-          store_c(buf[i], v.re, v.im, &overflow);
+          store_c(buf + i, v.re, v.im, &overflow);
         }
         e = scale_exponent(block_reduce<false>(m, red));  // (each thread rescales its own i)
         const float scale = ldexpf(1.f, -e);
         for (int64_t i = hw::thread_idx(); i < N2; i += hw::block_dim()) {
           float re, im;
-          load_c(buf[i], re, im);
-          store_c(buf[i], re * scale, im * scale, &overflow);
+          load_c(buf + i, re, im);
+          store_c(buf + i, re * scale, im * scale, &overflow);
         }
       }
       hw::sync_block();
@@ -265,12 +275,14 @@ FC_GLOBAL void fftconv_long_inner_kernel(LongParams p) {
       multiply_spectrum(buf, K, N2, false, &overflow);
       inner_inverse_but_last(buf, N2, plan, F, &overflow);
       if (Gains<S>::kScaled) {  // an overflowed fp16 store was clamped: redo the row
+        hw::region("overflow");
         const bool any_overflow = block_reduce<false>(float(overflow), red) > 0.f;
         if (any_overflow && finite(m) && attempt < 2) continue;
       }
       const float undo = ldexpf(1.f, e + undo_exp);
+      hw::region(stage_region(0, true));
       stage16(buf, N2, stage_stride(N2, 0), true, false, F, [&](int64_t n, float re, float im) {
-        row[n] = cf32{re * undo, im * undo};
+        hw::stg(row + n, cf32{re * undo, im * undo}, "ws");
       });
       hw::sync_block();
       break;
@@ -286,20 +298,25 @@ FC_GLOBAL void fftconv_long_outer_inv_kernel(LongParams p) {
   const int64_t N = p.N, N1 = p.N1, N2 = p.N2, C = p.C, L = p.L, h = hw::block_idx_x();
   const Plan pl = make_plan(N1);
   const int64_t pairs = (p.B + 1) / 2, tiles = N2 / C, items = pairs * tiles;
-  const float d = p.D ? p.D[h] : 0.f;
-  const float undo = ldexpf(1.f, p.spec.k_exp[h] - log2_int(N1));
-  auto x_at = [&](int64_t b, int64_t t) { return gated<T>(load<T>(p.u, b, h, t), p.g_in, b, h, t); };
+  const float d = p.D ? hw::ldg(p.D + h, "D") : 0.f;
+  const float undo = ldexpf(1.f, hw::ldg(p.spec.k_exp + h, "k_exp") - log2_int(N1));
+  auto x_at = [&](int64_t b, int64_t t, hw::Site at = hw::Site::current()) {
+    return gated<T>(load<T>(p.u, b, h, t, "u", at), p.g_in, b, h, t, "g_in", at);
+  };
   for (int64_t item = hw::block_idx_y(); item < items; item += hw::grid_dim_y()) {
     const int64_t pair = item / tiles, c0 = (item % tiles) * C, b0 = 2 * pair;
     const cf32* ws = p.ws + (pair * p.H + h) * N;
+    hw::region("load");
     for (int64_t i = hw::thread_idx(); i < N1 * C; i += hw::block_dim()) {
       const int64_t p1 = i / C, n2 = c0 + i % C;
-      float re = ws[p1 * N2 + n2].re, im = ws[p1 * N2 + n2].im, wr, wi;
+      const cf32 v = hw::ldg(ws + p1 * N2 + n2, "ws");
+      float re = v.re, im = v.im, wr, wi;
       twiddle_n(monarch_freq(p1, pl) * n2, N, true, wr, wi);
       cmul(re, im, wr, wi);
-      tile[i] = cf32{re, im};
+      hw::sts(tile + i, cf32{re, im});
     }
     hw::sync_block();
+    hw::region("outer");
     outer_inverse(tile, N1, C, pl, [&](int64_t pos, float re, float im) {
       const int64_t t = (pos / C) * N2 + c0 + pos % C;
       if (t >= L) return;  // includes the discarded half n1 >= N1/2
@@ -309,7 +326,7 @@ FC_GLOBAL void fftconv_long_outer_inv_kernel(LongParams p) {
         if (b >= p.B) break;
         float y = (j ? im : re) * undo;
         if (p.D) y += d * x_at(b, t);
-        store<T>(p.y, b, h, t, gated<T>(y, p.g_out, b, h, t));
+        store<T>(p.y, b, h, t, gated<T>(y, p.g_out, b, h, t, "g_out"), "y");
       }
     });
   }

@@ -20,7 +20,14 @@
 //   lane_id() warp_id()              (1-D blocks)
 //   dyn_smem<T>()    the launch's dynamic shared memory
 //   sync_block()     __syncthreads()
-//   atomic_add(p, v) atomicAdd on a float in global memory
+//   lds(p), sts(p, v)               a shared-memory load / store of one T (any trivially
+//                    copyable type of 1-16 bytes: a float, a complex pair, a uint4)
+//   ldg(p, tensor), stg(p, v, tensor)   a global-memory load / store; `tensor` names what is
+//                    accessed ("u", "y", "K", ...) for the counters
+//   atomic_add(p, v[, tensor])      atomicAdd on a float in global memory
+//   region(name)     names the code that follows (until the next region call) for the counters
+//   Site             where a call is made; every accessor takes one as a defaulted last
+//                    argument, and helpers that issue accesses for their caller pass theirs on
 //   sync_warp(), shfl_xor(v, mask), shfl_idx(v, src)   full-warp (all 32 lanes) collectives,
 //                    v float or uint32_t
 //   mma_m16n8k16<T>(d, a, b, c)   mma.sync.aligned.m16n8k16.row.col.f32.{f16|bf16}.{..}.f32,
@@ -49,6 +56,22 @@
 //     their contents from block to block, which a GPU does not promise.
 //   - Blocks run in sequence, so races between blocks, and kernels that wait for another
 //     block, are not emulated. Launches are serialized process-wide.
+//   - Counters (emu::config().counters, off by default): every accessor call is recorded with
+//     its Site, and the lanes of a warp are grouped into one warp instruction by (site, the
+//     block- and warp-barrier rounds the lane has passed, the lane's occurrence count of that
+//     site within those rounds), which is how a GPU groups them wherever lanes diverge only in
+//     how many iterations they run, or in which sites they reach. Per warp instruction:
+//       shared memory: wavefronts under the bank rules (32 banks of 4 bytes; accesses of 8
+//         bytes are processed by half-warps, of 16 bytes by quarter-warps; one wavefront per
+//         distinct 4-byte word in the busiest bank of each phase; same word = broadcast), next
+//         to the ideal (the number of phases with an active lane);
+//       global memory: 32-byte sectors touched and bytes used; per launch, sectors read or
+//         written for the first time (what reaches DRAM when the launch's working set fits L2)
+//         and all sectors (L2 traffic), per tensor;
+//       per region: barriers, mma, shuffles, and the dependent global-load rounds of the
+//         slowest warp between barriers (a latency chain: loads of different sites in the same
+//         iteration overlap, iterations do not).
+//     emu::launches() holds one LaunchStats per launch; emu::write_json() prints them.
 #pragma once
 
 #include <cstddef>
@@ -128,13 +151,31 @@ FC_DEVICE T* dyn_smem() {
   return reinterpret_cast<T*>(fc_dyn_smem);
 }
 
+// Where a call is made: empty here; the emulation's Site is the call's source location.
+struct Site {
+  static FC_HOST_DEVICE constexpr Site current() { return {}; }
+};
+
 FC_DEVICE void sync_block() { __syncthreads(); }
 FC_DEVICE void sync_warp() { __syncwarp(); }
-FC_DEVICE void atomic_add(float* p, float v) { atomicAdd(p, v); }
+FC_DEVICE void atomic_add(float* p, float v, const char* = "", Site = Site::current()) {
+  atomicAdd(p, v);
+}
 FC_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
 FC_DEVICE uint32_t shfl_xor(uint32_t v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
 FC_DEVICE float shfl_idx(float v, int src) { return __shfl_sync(0xffffffffu, v, src); }
 FC_DEVICE uint32_t shfl_idx(uint32_t v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+
+// Memory accessors: the plain load or store.
+FC_DEVICE void region(const char*) {}
+template <class T>
+FC_DEVICE T lds(const T* p, Site = Site::current()) { return *p; }
+template <class T>
+FC_DEVICE void sts(T* p, const T& v, Site = Site::current()) { *p = v; }
+template <class T>
+FC_DEVICE T ldg(const T* p, const char*, Site = Site::current()) { return *p; }
+template <class T>
+FC_DEVICE void stg(T* p, const T& v, const char*, Site = Site::current()) { *p = v; }
 
 template <class T>
 FC_DEVICE void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2],
@@ -190,6 +231,7 @@ inline Error launch(void (*kernel)(P...), Grid grid, int threads, size_t dyn_sme
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -197,6 +239,8 @@ inline Error launch(void (*kernel)(P...), Grid grid, int threads, size_t dyn_sme
 #include <string>
 #include <thread>
 #include <tuple>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -232,6 +276,7 @@ namespace emu {
 struct Config {
   size_t max_dyn_smem = 166912;  // sm_80: 163 KB with the opt-in attribute
   double timeout_s = 60;         // longest barrier wait before the launch fails
+  bool counters = false;         // record memory traffic into launches() (slower)
 };
 
 inline Config& config() {
@@ -258,6 +303,49 @@ inline bool set_target_sm(int sm) {
 inline std::string& last_message() {
   static std::string m;
   return m;
+}
+
+// ---- counters (config().counters): totals over every block of a launch, per region.
+
+struct SmemStats {  // warp-level shared-memory instructions of one kind (loads or stores)
+  uint64_t instr = 0, wavefronts = 0, ideal = 0, bytes = 0;
+};
+
+struct GlobalStats {  // warp-level global-memory instructions of one kind, for one tensor
+  uint64_t requests = 0;  // warp instructions
+  uint64_t sectors = 0;   // 32-byte sectors they touch (L2 traffic)
+  uint64_t bytes = 0;     // bytes the lanes asked for (distinct within an instruction)
+  uint64_t first = 0;     // sectors this launch had not read (loads) or written (stores) yet
+};
+
+struct RegionStats {
+  SmemStats lds, sts;
+  std::map<std::string, GlobalStats> ldg, stg;  // by tensor; atomics count as stores
+  uint64_t barriers = 0, mma = 0, shfl = 0, warp_syncs = 0;
+  // Latency chain: over blocks and barrier intervals, the slowest warp's dependent global-load
+  // rounds, those touching a first-read sector (DRAM) and the others (L2).
+  uint64_t ld_rounds_dram = 0, ld_rounds_l2 = 0;
+};
+
+struct LaunchStats {
+  std::string kernel;
+  int grid_x = 1, grid_y = 1, threads = 0;
+  size_t smem_bytes = 0;
+  std::vector<std::string> order;  // regions in order of first appearance
+  std::map<std::string, RegionStats> regions;
+  RegionStats& region(const std::string& name) {
+    auto it = regions.find(name);
+    if (it == regions.end()) {
+      order.push_back(name);
+      it = regions.emplace(name, RegionStats{}).first;
+    }
+    return it->second;
+  }
+};
+
+inline std::vector<LaunchStats>& launches() {
+  static std::vector<LaunchStats> v;
+  return v;
 }
 
 }  // namespace emu
@@ -356,12 +444,32 @@ struct Warp {
 
 enum : int { kRunning, kWaiting, kExited };
 
+// One recorded memory access of one thread (counters on).
+struct Access {
+  enum Kind : uint8_t { kLds, kSts, kLdg, kStg };
+  const void* site;  // the call's source location (one static object per call site)
+  unsigned block_round, warp_round;
+  uintptr_t addr;
+  uint32_t bytes;
+  Kind kind;
+  const char* tensor;  // global accesses
+  const char* region;
+};
+
 struct ThreadInfo {  // what a thread is doing, for the failure message
   std::atomic<int> state{kRunning};
   std::atomic<const char*> op{""};
   std::atomic<const char*> file{""};
   std::atomic<int> line{0};
   unsigned block_round = 0, warp_round = 0;  // barrier rounds passed; the thread's own
+  const char* region = "";                    // the counters' region (hw::region)
+  std::vector<Access> accesses;               // recorded since the last block barrier
+};
+
+// A launch's counters and the sectors it has read and written so far.
+struct LaunchCounting {
+  emu::LaunchStats stats;
+  std::unordered_set<uint64_t> read, written;  // 32-byte sector numbers
 };
 
 struct Block {
@@ -372,6 +480,7 @@ struct Block {
   Barrier bar;
   std::unique_ptr<Warp[]> warps;
   std::unique_ptr<ThreadInfo[]> info;
+  LaunchCounting* counting = nullptr;  // null: counters off
   // Threads neither exited nor waiting at a barrier. Updated (relaxed, so ThreadSanitizer sees
   // no ordering from it) together with the barrier state, under that barrier's mutex: when it
   // reads 0, every live thread waits at a barrier that cannot complete.
@@ -440,6 +549,158 @@ inline std::string describe(const Block& b) {
   return out;
 }
 
+// ---- counters
+
+inline std::string region_name(const char* r) { return (r && *r) ? r : "kernel"; }
+
+// Wavefronts of one warp-level shared-memory instruction: accesses of `bytes` each, processed
+// in phases of 32 (<= 4 bytes), 16 (8 bytes) or 8 (16 bytes) lanes; a phase costs as many
+// wavefronts as its busiest bank has distinct 4-byte words.
+inline void smem_wavefronts(const std::vector<std::pair<int, uintptr_t>>& lanes, uint32_t bytes,
+                            uint64_t& wavefronts, uint64_t& ideal) {
+  const int lanes_per_phase = bytes <= 4 ? 32 : bytes <= 8 ? 16 : 8;
+  const uint32_t words = bytes <= 4 ? 1 : bytes / 4;
+  for (int phase = 0; phase < kWarp / lanes_per_phase; ++phase) {
+    std::vector<uintptr_t> bank[32];
+    bool active = false;
+    for (const auto& [lane, addr] : lanes) {
+      if (lane / lanes_per_phase != phase) continue;
+      active = true;
+      for (uint32_t w = 0; w < words; ++w) {
+        const uintptr_t word = addr / 4 + w;
+        auto& v = bank[word % 32];
+        if (std::find(v.begin(), v.end(), word) == v.end()) v.push_back(word);
+      }
+    }
+    if (!active) continue;
+    size_t busiest = 0;
+    for (const auto& v : bank) busiest = std::max(busiest, v.size());
+    wavefronts += busiest;
+    ideal += 1;
+  }
+}
+
+// Aggregates every thread's recorded accesses into the launch's counters and clears them.
+// Runs while no thread of the block can record: at a block barrier (by its last arrival) and
+// after the block.
+inline void flush_counters(Block& b) {
+  LaunchCounting& lc = *b.counting;
+  struct Key {
+    const void* site;
+    unsigned block_round, warp_round, occurrence;
+    bool operator==(const Key&) const = default;
+  };
+  struct KeyHash {
+    size_t operator()(const Key& k) const {
+      size_t h = std::hash<const void*>()(k.site);
+      for (unsigned v : {k.block_round, k.warp_round, k.occurrence}) h = h * 1000003u ^ v;
+      return h;
+    }
+  };
+  struct Group {
+    const Access* first;  // kind, size, tensor, region of the instruction
+    std::vector<std::pair<int, uintptr_t>> lanes;
+  };
+  // Per region: the slowest warp's load rounds in this interval (DRAM, L2).
+  std::map<std::string, std::pair<uint64_t, uint64_t>> slowest;
+  for (int w = 0; w * kWarp < b.threads; ++w) {
+    std::unordered_map<Key, size_t, KeyHash> index;
+    std::vector<Group> groups;
+    std::vector<Key> keys;
+    for (int lane = 0; lane < kWarp && w * kWarp + lane < b.threads; ++lane) {
+      std::unordered_map<Key, unsigned, KeyHash> seen;  // (site, rounds) -> occurrences so far
+      for (const Access& a : b.info[w * kWarp + lane].accesses) {
+        unsigned& n = seen[Key{a.site, a.block_round, a.warp_round, 0}];
+        const Key k{a.site, a.block_round, a.warp_round, n++};
+        auto [it, inserted] = index.try_emplace(k, groups.size());
+        if (inserted) {
+          groups.push_back({&a, {}});
+          keys.push_back(k);
+        }
+        groups[it->second].lanes.emplace_back(lane, a.addr);
+      }
+    }
+    // (rounds, region) -> occurrence -> touched a first-read sector
+    std::map<std::tuple<unsigned, unsigned, std::string>, std::map<unsigned, bool>> rounds;
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const Access& a = *groups[g].first;
+      emu::RegionStats& r = lc.stats.region(region_name(a.region));
+      if (a.kind == Access::kLds || a.kind == Access::kSts) {
+        emu::SmemStats& st = a.kind == Access::kLds ? r.lds : r.sts;
+        st.instr += 1;
+        st.bytes += uint64_t(a.bytes) * groups[g].lanes.size();
+        smem_wavefronts(groups[g].lanes, a.bytes, st.wavefronts, st.ideal);
+        continue;
+      }
+      const bool load = a.kind == Access::kLdg;
+      emu::GlobalStats& st = (load ? r.ldg : r.stg)[a.tensor ? a.tensor : "?"];
+      st.requests += 1;
+      std::vector<std::pair<uintptr_t, uintptr_t>> spans;  // [begin, end) byte ranges
+      std::vector<uint64_t> sectors;
+      for (const auto& [lane, addr] : groups[g].lanes) {
+        spans.emplace_back(addr, addr + a.bytes);
+        for (uint64_t sec = addr / 32; sec <= (addr + a.bytes - 1) / 32; ++sec) sectors.push_back(sec);
+      }
+      std::sort(spans.begin(), spans.end());
+      uintptr_t covered = 0;
+      for (const auto& [lo, hi] : spans) {  // bytes asked for, each counted once
+        if (hi > std::max(lo, covered)) st.bytes += hi - std::max(lo, covered);
+        covered = std::max(covered, hi);
+      }
+      std::sort(sectors.begin(), sectors.end());
+      sectors.erase(std::unique(sectors.begin(), sectors.end()), sectors.end());
+      st.sectors += sectors.size();
+      bool first_read = false;
+      for (uint64_t sec : sectors) {
+        if (load) {
+          if (!lc.written.count(sec) && lc.read.insert(sec).second) {
+            st.first += 1;
+            first_read = true;
+          }
+        } else if (lc.written.insert(sec).second) {
+          st.first += 1;
+        }
+      }
+      if (load) {
+        bool& dram = rounds[{keys[g].block_round, keys[g].warp_round, region_name(a.region)}][keys[g].occurrence];
+        dram = dram || first_read;
+      }
+    }
+    std::map<std::string, std::pair<uint64_t, uint64_t>> mine;
+    for (const auto& [epoch, occ] : rounds) {
+      auto& m = mine[std::get<2>(epoch)];
+      for (const auto& [n, dram] : occ) (dram ? m.first : m.second) += 1;
+    }
+    for (const auto& [name, m] : mine) {
+      auto& s = slowest[name];
+      s.first = std::max(s.first, m.first);
+      s.second = std::max(s.second, m.second);
+    }
+  }
+  for (const auto& [name, m] : slowest) {
+    emu::RegionStats& r = lc.stats.region(name);
+    r.ld_rounds_dram += m.first;
+    r.ld_rounds_l2 += m.second;
+  }
+  for (int t = 0; t < b.threads; ++t) b.info[t].accesses.clear();
+}
+
+// Counts a completed collective (by its last arrival) in the caller's region.
+inline void count_collective(Block& b, const char* op, const char* region) {
+  if (!b.counting) return;
+  if (!std::strcmp(op, "sync_block")) flush_counters(b);  // first: regions in program order
+  emu::RegionStats& r = b.counting->stats.region(region_name(region));
+  if (!std::strcmp(op, "sync_block")) {
+    r.barriers += 1;
+  } else if (!std::strcmp(op, "mma_m16n8k16")) {
+    r.mma += 1;
+  } else if (!std::strcmp(op, "sync_warp")) {
+    r.warp_syncs += 1;
+  } else {
+    r.shfl += 1;
+  }
+}
+
 // Arrives at round `round` of `bar` (expecting `expected` threads), runs publish() under its
 // lock, and returns once all have arrived.
 template <class Publish>
@@ -463,6 +724,7 @@ void arrive(Barrier& bar, unsigned round, int expected, const char* op, bool sam
   publish();
   const unsigned gen = p.gen;
   if (++p.arrived == expected) {
+    count_collective(b, op, b.info[c.tid].region);
     p.arrived = 0;
     ++p.gen;
     b.running.fetch_add(expected - 1, std::memory_order_relaxed);
@@ -584,6 +846,14 @@ inline Error run_grid(const void* fn, Grid grid, int threads, size_t smem_bytes,
   b.kernel = name;
   b.threads = threads;
   b.grid = grid;
+  std::unique_ptr<LaunchCounting> counting;
+  if (emu::config().counters) {
+    counting = std::make_unique<LaunchCounting>();
+    emu::LaunchStats& st = counting->stats;
+    st.kernel = name;
+    st.grid_x = grid.x, st.grid_y = grid.y, st.threads = threads, st.smem_bytes = smem_bytes;
+    b.counting = counting.get();
+  }
   b.warps = std::make_unique<Warp[]>((threads + kWarp - 1) / kWarp);
   b.info = std::make_unique<ThreadInfo[]>(threads);
   // Separate gates before and after a block, for the reason Barrier has two phases.
@@ -622,9 +892,11 @@ inline Error run_grid(const void* fn, Grid grid, int threads, size_t smem_bytes,
       for (int t = 0; t < threads; ++t) {
         b.info[t].state.store(kRunning, std::memory_order_relaxed);
         b.info[t].block_round = b.info[t].warp_round = 0;
+        b.info[t].region = "";
       }
       start.wait();
       done.wait(&b);  // every thread has left the kernel
+      if (b.counting && !b.failed) flush_counters(b);
       for (size_t i = 0; i < guard && !b.failed; ++i)
         if (b.smem[smem_bytes + i] != guard_byte)
           record_failure(b, "wrote past the end of its " + std::to_string(smem_bytes) +
@@ -640,6 +912,7 @@ inline Error run_grid(const void* fn, Grid grid, int threads, size_t smem_bytes,
   stop = true;
   start.wait();
   for (auto& t : pool) t.join();
+  if (counting && err == Success) emu::launches().push_back(std::move(counting->stats));
   return err;
 }
 
@@ -686,8 +959,53 @@ inline float shfl_idx(float v, int src, const detail::Where& at = detail::Where:
   return detail::float_of(shfl_idx(detail::bits_of(v), src, at));
 }
 
+// Where a call is made: its source location (one static object per call site in libstdc++,
+// whose address identifies the site).
+using Site = std::source_location;
+static_assert(sizeof(Site) == sizeof(const void*), "Site: expected libstdc++'s source_location");
+
+namespace detail {
+inline void record(const void* p, uint32_t bytes, Access::Kind kind, const char* tensor,
+                   const Site& at) {
+  if (!emu::config().counters) return;
+  ThreadCtx& c = ctx();
+  ThreadInfo& me = c.block->info[c.tid];
+  me.accesses.push_back(Access{std::bit_cast<const void*>(at), me.block_round, me.warp_round,
+                               reinterpret_cast<uintptr_t>(p), uint32_t(bytes), kind, tensor,
+                               me.region});
+}
+}  // namespace detail
+
+inline void region(const char* name) {
+  detail::ThreadCtx& c = detail::ctx();
+  c.block->info[c.tid].region = name;
+}
+
+template <class T>
+inline T lds(const T* p, Site at = Site::current()) {
+  detail::record(p, sizeof(T), detail::Access::kLds, nullptr, at);
+  return *p;
+}
+template <class T>
+inline void sts(T* p, const T& v, Site at = Site::current()) {
+  detail::record(p, sizeof(T), detail::Access::kSts, nullptr, at);
+  *p = v;
+}
+template <class T>
+inline T ldg(const T* p, const char* tensor, Site at = Site::current()) {
+  detail::record(p, sizeof(T), detail::Access::kLdg, tensor, at);
+  return *p;
+}
+template <class T>
+inline void stg(T* p, const T& v, const char* tensor, Site at = Site::current()) {
+  detail::record(p, sizeof(T), detail::Access::kStg, tensor, at);
+  *p = v;
+}
+
 // atomicAdd on global memory (relaxed: the kernel's end is what orders it for the host).
-inline void atomic_add(float* p, float v) {
+// Counted as a store of 4 bytes.
+inline void atomic_add(float* p, float v, const char* tensor = "", Site at = Site::current()) {
+  detail::record(p, 4, detail::Access::kStg, tensor, at);
   std::atomic_ref<float>(*p).fetch_add(v, std::memory_order_relaxed);
 }
 
