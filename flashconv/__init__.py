@@ -13,11 +13,12 @@ from flashconv.dispatch import KernelFallbackWarning, NoEngineError, use_engines
 from flashconv.ops import KernelSpectrum, explain, fft_kernel, fftconv, fftconv_backward
 
 __all__ = ["__version__", "fftconv", "fftconv_backward", "fft_kernel", "KernelSpectrum", "explain",
-           "use_engines", "engines", "NoEngineError", "KernelFallbackWarning", "info"]
+           "use_engines", "engine_names", "NoEngineError", "KernelFallbackWarning", "info"]
 
 
-def engines():
-    """The engine names in table order (the first whose check says yes serves a call)."""
+def engine_names():
+    """The engine names in table order (the first whose check says yes serves a call); the
+    engines themselves are the modules of flashconv.engines.TABLE."""
     from flashconv.engines import NAMES
 
     return list(NAMES)
