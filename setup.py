@@ -7,6 +7,10 @@ FLASHCONV_REQUIRE_CUDA   "1": a missing nvcc or a failed CUDA build is an error
                          (the GPU machine sets it). Otherwise the install completes as
                          pure Python (CPU paths only) with one warning.
 FLASHCONV_NO_CUDA        "1": do not try to build the extension at all.
+FLASHCONV_CUDA_HOME      root of the CUDA toolkit to build with (its bin/nvcc, headers and
+                         static runtime), e.g. /usr/local/cuda-12.4: a CUDA 12 build runs on
+                         R525+ drivers, the default CUDA 13 build needs R580+. Default: nvcc
+                         from CUDACXX, PATH, CUDA_HOME or /usr/local/cuda.
 CMAKE_BUILD_PARALLEL_LEVEL  parallel compile jobs (CMake's own variable).
 
 The build log's ``ptxas -v`` lines (registers, spills, shared memory per kernel and
@@ -52,6 +56,16 @@ def _version():
     return ns["__version__"]
 
 
+def _nvcc_release(nvcc):
+    """'13.0', '12.4', ... from `nvcc --version` ('unknown' if it does not say)."""
+    out = subprocess.run([nvcc, "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True).stdout
+    for line in out.splitlines():
+        if "release" in line:
+            return line.split("release", 1)[1].split(",")[0].strip()
+    return "unknown"
+
+
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[])
@@ -84,9 +98,17 @@ class CMakeBuild(build_ext):
             shutil.copyfile(BUILD_INFO, dest)
 
     def _build_cmake(self):
-        nvcc = find_nvcc()
+        cuda_home = os.environ.get("FLASHCONV_CUDA_HOME", "").strip()
+        if cuda_home:
+            nvcc = os.path.join(cuda_home, "bin", "nvcc")
+            if not os.access(nvcc, os.X_OK):
+                raise RuntimeError("FLASHCONV_CUDA_HOME=%s has no bin/nvcc" % cuda_home)
+        else:
+            nvcc = find_nvcc()
         if nvcc is None:
-            raise RuntimeError("nvcc not found (set CUDACXX or CUDA_HOME, or put nvcc on PATH)")
+            raise RuntimeError("nvcc not found (set FLASHCONV_CUDA_HOME, CUDACXX or CUDA_HOME, "
+                               "or put nvcc on PATH)")
+        toolkit = _nvcc_release(nvcc)
         cmake = shutil.which("cmake")
         if cmake is None:
             raise RuntimeError("cmake not found")
@@ -94,7 +116,8 @@ class CMakeBuild(build_ext):
 
         ext = self.extensions[0]
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = ROOT / "build" / ("cmake-py%d%d" % sys.version_info[:2])
+        # One build folder per toolkit: CMake cannot switch compilers inside one.
+        build_dir = ROOT / "build" / ("cmake-py%d%d-cuda%s" % (sys.version_info[:2] + (toolkit,)))
         build_dir.mkdir(parents=True, exist_ok=True)
         archs = os.environ.get("FLASHCONV_CUDA_ARCHS", "").strip() or "80;90"
         cfg = [
@@ -107,13 +130,15 @@ class CMakeBuild(build_ext):
             "-DFLASHCONV_VERSION=" + _version(),
             "-DCMAKE_LIBRARY_OUTPUT_DIRECTORY=" + str(out_dir),
         ]
+        if cuda_home:
+            cfg.append("-DCUDAToolkit_ROOT=" + cuda_home)
         if shutil.which("ninja"):
             cfg.append("-GNinja")
         log = self._run(cfg)
         # Rebuild every CUDA object so the ptxas report always covers every kernel.
         log += self._run([cmake, "--build", str(build_dir), "--clean-first"])
         kernels = parse_ptxas(log)
-        return {"cuda_archs": archs, "nvcc": nvcc, "kernels": kernels,
+        return {"cuda_archs": archs, "nvcc": nvcc, "cuda_toolkit": toolkit, "kernels": kernels,
                 "python": sysconfig.get_python_version()}
 
     def _run(self, cmd):
@@ -141,7 +166,9 @@ setup(
     extras_require={
         "torch": ["torch>=2.1"],
         "cupy": ["cupy-cuda13x"],
-        "test": ["pytest", "pytest-benchmark"],
+        # cuobjdump and nvdisasm for the SASS lint (tests/test_build.py, bench/model.py), where
+        # the CUDA toolkit lacks them.
+        "test": ["pytest", "pytest-benchmark", "nvidia-cuda-cuobjdump", "nvidia-cuda-nvdisasm"],
         # bench/sweep.py's PNG plot.
         "bench": ["matplotlib"],
     },

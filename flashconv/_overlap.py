@@ -13,7 +13,7 @@ wrap-around reaches: those are the S outputs kept ("save"); the first lk-1 are d
 
 Same semantics as flashconv.fftconv on numpy arrays: any real dtypes and strides in,
 compute in float32 (float64 for float64 u), y in u's dtype; k longer than L is truncated.
-Forward only: the lead wires it into fftconv's CPU dispatch (overlap_save_cheaper decides).
+Forward only: the engine cpu_overlap_save (flashconv/engines/) serves it where overlap_save_cheaper says so.
 """
 import math
 

@@ -192,3 +192,20 @@ def test_backward_kernel(L, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bidirectional_kernel(dtype):
     grads_case(3, 5, 777, dtype, bidirectional=True, seed=5)
+
+
+def test_caller_device_restored():
+    """The binding makes the tensors' device current for the launch and restores the caller's
+    (cuda/src/bindings.cpp DeviceGuard): a call on cuda:1 leaves cuda:0 current."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    torch.cuda.set_device(0)
+    u = torch.randn(2, 4, 1000, device="cuda:1", dtype=torch.bfloat16)
+    k = torch.randn(4, 1000, device="cuda:1")
+    assert fused_used(u, k)
+    y = flashconv.fftconv(u, k)
+    assert torch.cuda.current_device() == 0
+    ref = ref_fftconv(u.double().cpu().numpy(), k.double().cpu().numpy())
+    assert rel_err(y, ref) < 4e-3
+    x = torch.ones(3, device="cuda")  # the caller's later work still lands on cuda:0
+    assert x.device.index == 0

@@ -61,9 +61,33 @@ py::dict info() {
   return d;
 }
 
+// Makes `device` the calling thread's current device for its scope and restores the caller's
+// device when the scope ends (also when an exception leaves it), so a call into this module
+// never changes the device the caller's later CUDA work goes to. Cheap when the device is
+// already current: one cudaGetDevice, no cudaSetDevice.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    FC_THROW_ON_ERROR(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) {
+      FC_THROW_ON_ERROR(cudaSetDevice(device), "cudaSetDevice");
+      switched_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);  // a destructor must not throw
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
 // Launch the probe kernel on `device` and check its output: True, or an exception.
 bool selftest(int device) {
-  FC_THROW_ON_ERROR(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   const int n = 1000;
   int* d_out = nullptr;
   FC_THROW_ON_ERROR(cudaMalloc(reinterpret_cast<void**>(&d_out), n * sizeof(int)), "cudaMalloc");
@@ -102,10 +126,11 @@ const char* dtype_name(int dtype) {
 flashconv::View3 view(uintptr_t p, const Strides& s) { return {as_ptr<const void*>(p), s[0], s[1], s[2]}; }
 flashconv::MutView3 mut_view(uintptr_t p, const Strides& s) { return {as_ptr<void*>(p), s[0], s[1], s[2]}; }
 
-// Runs a launcher on `device` and `stream` with the GIL released; errors name the kernel.
+// Runs a launcher on `device` and `stream` with the GIL released; errors name the kernel. The
+// caller's current device is restored afterwards (DeviceGuard).
 template <class Launch>
 void run_kernel(const char* kernel, int dtype, int64_t N, int device, Launch&& launch) {
-  FC_THROW_ON_ERROR(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
   cudaError_t err;
   {
