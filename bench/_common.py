@@ -5,6 +5,16 @@ import json
 from pathlib import Path
 
 
+def engines_for(u, k, D=None):
+    """(forward, backward) names of the engines flashconv's dispatch picks for fftconv(u, k, D)
+    (flashconv/engines/): recorded with each timed shape."""
+    from flashconv import dispatch
+    from flashconv.problem import Operands, from_arrays
+
+    p = from_arrays(Operands(u, k, D))
+    return dispatch.select(p).NAME, dispatch.select(p.with_direction("backward")).NAME
+
+
 def cuda_event_time(fn):
     """Seconds that fn() takes on the current CUDA stream (events around it; waits for it)."""
     import torch

@@ -603,7 +603,7 @@ def main(argv=None):
                    "approximate"),
         "versions": {"flashconv": flashconv.__version__, "python": platform.python_version(),
                      "torch": torch.__version__, "cuda": torch.version.cuda},
-        "backends": flashconv.info()["backends"],
+        "engines": flashconv.info()["engines"],
         "models": {m: MODELS[m] for m in models},
         "attention": {"heads": "4 (d_model 256), 8 (d_model 512); head_dim d_model/heads", "mlp": "4x, GELU",
                       "positions": "learned", "sdpa_backend": "FLASH_ATTENTION pinned" if cuda

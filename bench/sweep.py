@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import flashconv  # noqa: E402
-from bench._common import cuda_event_time, report_path, write_report  # noqa: E402
+from bench._common import cuda_event_time, engines_for, report_path, write_report  # noqa: E402
 from flashconv.reference import fftconv_ref, scipy_fftconv  # noqa: E402
 
 # CPU shapes (B, H, L, dtype, set): every power of two L from 256 to 256K at about 2M
@@ -159,6 +159,7 @@ def cpu_section(shapes):
             def scipy_ref():
                 return scipy_fftconv(un, kn, Dn)
         r = {"B": B, "H": H, "L": L, "dtype": dtype, "set": group}
+        r["engine"], r["engine_bwd"] = engines_for(u, k, D)
         fwd = time_cpu({"flashconv": lambda: flashconv.fftconv(u, k, D),
                         "torch_ref": lambda: ref(u, k, D),
                         "scipy": scipy_ref})
@@ -231,6 +232,7 @@ def gpu_section(lengths, batches, H, dtypes):
         k = torch.randn(H, L, device="cuda", generator=gen) / L ** 0.5
         D = torch.randn(H, device="cuda", generator=gen)
         r = {"B": B, "H": H, "L": L, "dtype": dt}
+        r["engine"], r["engine_bwd"] = engines_for(u, k, D)
         r["flashconv_s"] = time_gpu(lambda: flashconv.fftconv(u, k, D))
         r["torch_ref_s"] = time_gpu(lambda: fftconv_ref(u, k, D))
         nbytes = 2 * B * H * L * u.element_size() + k.numel() * 4 + H * 4  # u once, y once, k, D
@@ -416,7 +418,7 @@ def main(argv=None):
         "versions": {"flashconv": flashconv.__version__, "python": platform.python_version(),
                      "torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__},
         "quick": args.quick,
-        "backends": flashconv.info()["backends"],
+        "engines": flashconv.info()["engines"],
     }
     if not torch.cuda.is_available():
         print("No GPU found (torch.cuda.is_available() is False): timing the CPU paths only.")

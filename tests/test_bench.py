@@ -13,6 +13,12 @@ HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def flashconv_engine_names():
+    import flashconv
+
+    return flashconv.engine_names()
+
+
 @pytest.fixture(scope="module")
 def quick_sweep(tmp_path_factory):
     """One quick CPU sweep shared by the tests below (without a plot if matplotlib is absent)."""
@@ -36,6 +42,8 @@ def test_sweep_quick_writes_report(quick_sweep):
         for key in ("flashconv_s", "torch_ref_s", "scipy_s", "flashconv_fwdbwd_s", "torch_ref_fwdbwd_s"):
             assert r[key] > 0
         assert abs(r["speedup_vs_torch_ref"] - r["torch_ref_s"] / r["flashconv_s"]) < 1e-9
+        assert r["engine"] in ("cpu_torch", "cpu_overlap_save") and r["engine_bwd"] == "cpu_torch"
+    assert [e["name"] for e in rep["engines"]] == flashconv_engine_names()
     assert "CPU forward" in out.stdout
     # A progress line per configuration, with the elapsed time and an ETA.
     progress = [line for line in out.stdout.splitlines() if line.startswith("[")]

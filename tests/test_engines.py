@@ -321,3 +321,15 @@ def test_no_warning_when_the_kernels_run(cuda_machine):
         assert _select("float64").NAME == "torch_fft"  # the call's own reason: silent
         with flashconv.use_engines("torch_fft"):
             assert _select().NAME == "torch_fft"
+
+
+def test_first_call_is_light():
+    """A fresh interpreter's first torch call (forward and backward) imports neither
+    torch._dynamo (torch.library.custom_op's wrapper did: ~2.3 s) nor scipy.fft (~0.5 s)."""
+    code = ("import sys, torch, flashconv\n"
+            "u = torch.randn(2, 3, 100, requires_grad=True)\n"
+            "flashconv.fftconv(u, torch.randn(3, 100), torch.randn(3)).sum().backward()\n"
+            "print(sorted(m for m in ('torch._dynamo', 'scipy.fft') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
