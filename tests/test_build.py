@@ -73,3 +73,68 @@ def test_python_m_flashconv_reports():
     print(out.stdout, out.stderr)
     assert out.returncode == 0
     assert "extension _C" in out.stdout and "torch" in out.stdout and "cupy" in out.stdout
+
+
+# ---- the SASS and resource lint (flashconv._buildtools.sass_lint) ----
+
+def _extension_path():
+    import glob
+    found = glob.glob(str(ROOT / "flashconv" / "_C*.so"))
+    return found[0] if found else None
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found: no extension to lint")
+def test_sass_lint_hot_kernels():
+    from flashconv._buildtools import find_cuda_tool, format_lint, sass_lint
+    if not (find_cuda_tool("cuobjdump") and find_cuda_tool("nvdisasm")):
+        pytest.skip("cuobjdump/nvdisasm not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+    so = _extension_path()
+    assert so, "nvcc is present but the extension was not built"
+    rows = sass_lint(so)
+    print(format_lint(rows))
+    hot = [r for r in rows if any(h in r["demangled"] for h in _ext.HOT_KERNELS)]
+    names = {(r["demangled"], r["arch"]) for r in hot}
+    for kernel in ("fftconv_fwd_kernel", "fftconv_bwd_kernel", "fftconv_long_inner_kernel"):
+        for arch in ("sm_80", "sm_90"):
+            assert any(kernel in n and a == arch for n, a in names), (kernel, arch)
+    for r in hot:
+        assert r["instructions"] > 0 and r["registers"] > 0
+        assert r["local_instructions"] == 0, "local memory in hot kernel %s" % r["demangled"]
+        assert r["ctas_per_sm"] >= 1
+        # Reported, not yet a failure: software division in hot kernels.
+        print("%s %s: %d calls to software division/remainder %s" % (
+            r["demangled"][:60], r["arch"], r["slow_div_calls"], r["calls"]))
+
+
+def test_parse_sass_counts_calls_and_local_memory():
+    from flashconv._buildtools import _parse_sass, is_slow_division
+    text = """
+        .type           _Z3foov,@function
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/              @!P0 CALL.REL.NOINC `($__internal_0_$__cuda_sm20_div_s64) ;
+        /*0020*/                   STL [R1], R2 ;
+        /*0030*/                   LDS.64 R4, [R3] ;
+        /*0040*/                   HMMA.16816.F32 R8, R12, R16, R8 ;
+        .type           $__internal_0_$__cuda_sm20_div_s64,@function
+        /*0050*/                   IMAD R0, R1, R2, RZ ;
+        /*0060*/                   RET.REL.NODEC R20 `(_Z3foov) ;
+"""
+    (name, k), = _parse_sass(text).items()
+    assert name == "_Z3foov" and k["instructions"] == 5  # the subroutine is not counted
+    assert k["calls"] == {"__cuda_sm20_div_s64": 1} and is_slow_division("__cuda_sm20_div_s64")
+    assert k["ops"]["STL"] == 1 and k["ops"]["LDS"] == 1 and k["ops"]["HMMA"] == 1
+
+
+@pytest.mark.parametrize("arch, regs, smem, ctas, limit", [
+    ("sm_90", 128, 0, 2, "registers"),         # 4096 registers per warp: 16 warps
+    ("sm_90", 64, 0, 4, "registers"),
+    ("sm_90", 255, 0, 1, "registers"),         # rounded up to 8192 per warp: 8 warps
+    ("sm_90", 16, 0, 8, "threads"),            # 2048 threads
+    ("sm_90", 64, 102400, 2, "shared memory"),  # (100 KB + 1 KB reserved) into 228 KB
+    ("sm_80", 64, 102400, 1, "shared memory"),  # ... into 164 KB
+])
+def test_occupancy_rules(arch, regs, smem, ctas, limit):
+    from flashconv._buildtools import occupancy
+    occ = occupancy(arch, regs, 256, smem)
+    assert (occ["ctas_per_sm"], occ["limited_by"]) == (ctas, limit)
+    assert occ["warps_per_sm"] == 8 * ctas

@@ -27,6 +27,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -53,10 +54,23 @@ template <> constexpr const char* npy_descr<int32_t>() { return "<i4"; }
 
 using Shape = std::vector<size_t>;
 
+// Device allocations are 256-byte aligned (cudaMalloc; PyTorch's caching allocator gives at
+// least 512): so are the driver's arrays, so that the counters see the GPU's sector alignment.
+template <class T>
+struct Aligned {
+  using value_type = T;
+  Aligned() = default;
+  template <class U>
+  Aligned(const Aligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{256})); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t{256}); }
+  bool operator==(const Aligned&) const { return true; }
+};
+
 template <class T>
 struct Array {
   Shape shape;
-  std::vector<T> data;
+  std::vector<T, Aligned<T>> data;
   T* ptr() { return data.data(); }
   size_t size() const { return data.size(); }
   int dim(size_t i) const { return int(shape.at(i)); }
@@ -309,7 +323,7 @@ hw::Error fftconv_long(Io& io) {
   const Optional<T> opt(io, p.H, p.L);
   p.D = opt.D_ptr, p.g_in = opt.g_in, p.g_out = opt.g_out;
   // NaN-filled like uninitialised device memory: a value pass A never writes stands out.
-  std::vector<flashconv::cf32> ws(size_t(flashconv::long_workspace_elems(p.B, p.H, p.N)),
+  std::vector<flashconv::cf32, Aligned<flashconv::cf32>> ws(size_t(flashconv::long_workspace_elems(p.B, p.H, p.N)),
                                   flashconv::cf32{std::nanf(""), std::nanf("")});
   p.ws = ws.data();
   auto& y = io.out<T>("y", {size_t(p.B), size_t(p.H), size_t(p.L)});
