@@ -7,7 +7,7 @@ which gradients are wanted) plus the :class:`Operands` themselves. Engines
 ``flashconv.explain`` and ``python -m flashconv explain B H L ...`` can ask them about a
 call that was never allocated (:func:`from_shape`).
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 __all__ = ["Problem", "Operands", "from_arrays", "from_shape", "GRAD_NAMES"]
@@ -45,7 +45,6 @@ class Problem:
     # non-negative strides)
     torch_viewable: bool = False
     origin: str = ""        # the caller's array library: "numpy", "torch", "cupy", ...
-    hypothetical: bool = field(default=False, compare=False)  # described from a shape only
 
     @property
     def device_type(self):
@@ -174,6 +173,5 @@ def from_shape(B, H, L, dtype="float32", device="cpu", Lk=None, *, kind=None, D=
         lk = 0
     p = Problem("forward", kind, int(B), int(H), L, dtype, device, spectrum or "taps", lk, n,
                 0 if Lk_rev is None else min(int(Lk_rev), L), Lk_rev is not None, bool(D),
-                bool(g_in), bool(g_out), (False,) * 6, kind == "numpy", kind,
-                hypothetical=True)
+                bool(g_in), bool(g_out), (False,) * 6, kind == "numpy", kind)
     return p.with_direction("backward") if direction == "backward" else p

@@ -333,3 +333,39 @@ def test_first_call_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_numpy_only_install():
+    """With torch unimportable, numpy calls (forward, backward, a precomputed spectrum, explain,
+    python -m flashconv) run on cpu_scipy and cpu_overlap_save."""
+    code = r'''
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("blocked for the test")
+sys.meta_path.insert(0, Block())
+import numpy as np, flashconv
+from python_ref.conv import causal_conv_direct, fftconv_grads
+rng = np.random.default_rng(0)
+u = rng.standard_normal((2, 3, 41))[..., ::-1]; k = rng.standard_normal((3, 17)); D = rng.standard_normal(3)
+dy = rng.standard_normal(u.shape)
+y = flashconv.fftconv(u, k, D)
+g = flashconv.fftconv_backward(dy, u, k, D)
+r = fftconv_grads(u.copy(), k, dy, D)
+err = max([float(np.abs(y - causal_conv_direct(u.copy(), k, D)).max())] +
+          [float(np.abs(g[key] - r[key]).max()) for key in ("du", "dk", "dD")])
+ks = flashconv.fft_kernel(k, 41)
+err = max(err, float(np.abs(flashconv.fftconv(u, ks, D) - y).max()))
+text = flashconv.explain(u, k, D)
+assert "cpu_scipy          <- serves it" in text and "torch is not installed" in text, text
+from flashconv.__main__ import main
+main([])
+main(["explain", "2", "3", "50", "--numpy"])
+print("ERR", err, "torch" in sys.modules)
+'''
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1].split()
+    assert last[0] == "ERR" and float(last[1]) < 1e-12 and last[2] == "False"
+    assert "[ ] cpu_torch" in out.stdout and "[x] cpu_scipy" in out.stdout

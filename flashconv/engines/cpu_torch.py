@@ -22,10 +22,13 @@ def available():
 def check(p):
     if p.device_type != "cpu":
         return "u is on %s, not the CPU" % p.device
-    if p.kind == "numpy" and not p.torch_viewable:
+    if p.kind == "numpy":
         why = available()
-        return why or "an operand torch cannot view zero-copy (negative strides or " \
-                      "non-native byte order)"
+        if why:
+            return why
+        if not p.torch_viewable:
+            return ("an operand torch cannot view zero-copy (negative strides or non-native "
+                    "byte order)")
     return None
 
 
