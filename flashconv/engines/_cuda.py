@@ -16,12 +16,14 @@ ASSUMED_SMEM = 227 * 1024
 
 _SMEM = {}
 _MAX_N = {}
+_REASON = {}
 _assume = {"gpu": False, "smem": ASSUMED_SMEM}
 
 
 def reset():
     _SMEM.clear()
     _MAX_N.clear()
+    _REASON.clear()
     if hasattr(_driver_text, "cache_clear"):  # (tests replace it)
         _driver_text.cache_clear()
 
@@ -47,9 +49,16 @@ def _driver_text():
 
 def unavailable_reason():
     """Why the extension cannot run kernels on this machine ("" if it can): not built, not
-    importable, no driver, a driver too old for the runtime it was built with, no device."""
+    importable, no driver, a driver too old for the runtime it was built with, no device.
+    Cached per process (reset() clears it)."""
     if _assume["gpu"]:
         return ""
+    if "why" not in _REASON:
+        _REASON["why"] = _unavailable_reason()
+    return _REASON["why"]
+
+
+def _unavailable_reason():
     ext = _ext.extension()
     if ext is None:
         return _ext.unavailable_reason()
