@@ -369,3 +369,17 @@ print("ERR", err, "torch" in sys.modules)
     last = out.stdout.strip().splitlines()[-1].split()
     assert last[0] == "ERR" and float(last[1]) < 1e-12 and last[2] == "False"
     assert "[ ] cpu_torch" in out.stdout and "[x] cpu_scipy" in out.stdout
+
+
+def test_fused_size_counts_static_shared_memory(cuda_machine, monkeypatch):
+    """The opt-in limit covers dynamic plus static shared memory: one byte short and the
+    kernel's largest size no longer fits (static size from the build's ptxas report)."""
+    cuda_machine(FakeExt(driver="13.0", count=1), count=1, release="580.65")
+    monkeypatch.setattr(_ext, "build_info", lambda: {"kernels": [
+        {"name": "_Zfwd", "demangled": "void flashconv::fftconv_fwd_kernel<float>(...)", "smem": 128}]})
+    fwd = 16384 * 8  # float32: complex fp32 rows of the kernel's largest N
+    for smem, want in ((fwd + 128, 16384), (fwd + 127, 8192)):
+        monkeypatch.setattr(_cuda, "max_smem", lambda device, s=smem: s)
+        _cuda._MAX_N.clear()
+        assert _cuda.fused_max_n("float32", 0) == want
+    assert _cuda.static_smem(backward=True) == 1024  # no report for the backward: a margin

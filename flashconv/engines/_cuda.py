@@ -126,16 +126,29 @@ def kernel_max_n(dtype, backward=False):
     return _MAX_N[key]
 
 
+def static_smem(backward=False):
+    """Static shared memory (bytes) of the fused forward (backward) kernels: the largest the
+    build's ptxas report (_build_info.json) gives over dtypes and architectures, 1024 where
+    the report has none. The opt-in limit applies to static plus dynamic shared memory."""
+    key = ("static", backward)
+    if key not in _MAX_N:
+        name = "fftconv_bwd_kernel" if backward else "fftconv_fwd_kernel"
+        sizes = [int(k.get("smem") or 0) for k in _ext.build_info().get("kernels", [])
+                 if name in (k.get("demangled") or k.get("name") or "")]
+        _MAX_N[key] = max(sizes) if sizes else 1024
+    return _MAX_N[key]
+
+
 def fused_max_n(dtype, device_index, backward=False):
     """The largest FFT size the fused forward (backward) kernel runs for `dtype` on a device:
-    its own limit, halved until its rows fit in the opt-in shared memory; 0 where the
-    extension, a device or the dtype is missing."""
+    its own limit, halved until its rows plus its static shared memory fit in the opt-in
+    shared memory; 0 where the extension, a device or the dtype is missing."""
     if unavailable_reason() or dtype not in DTYPE_CODES:
         return 0
     max_n = kernel_max_n(dtype, backward)
     bytes_per = 4 if dtype == "bfloat16" else 8  # complex fp16 (bf16 io) or fp32 on chip
     rows = 2 if backward else 1  # the backward keeps two rows on chip
-    smem = max_smem(device_index)
+    smem = max_smem(device_index) - static_smem(backward)
     while max_n and rows * max_n * bytes_per > smem:
         max_n //= 2
     return max_n
