@@ -90,3 +90,19 @@ def test_stores_and_barriers(regions):
 def test_counters_off_by_default():
     res = emu.run("counters", {"x": np.arange(2048, dtype=np.float32)})
     assert res.counters == []
+
+
+@pytest.mark.parametrize("variant", ["plain", "tsan"])
+def test_collectives_counted(variant):
+    # Tensor-core and shuffle instructions complete per warp, concurrently in different warps:
+    # ThreadSanitizer checks that counting them is race-free. dft256: 4 blocks x 2 warps, each
+    # warp 2 column tiles x (4 + 4) real mma.
+    x = np.random.default_rng(0).standard_normal((8, 256, 2)).astype(np.float32)
+    res = emu.run("dft256_bf16", {"x": x}, variant, counters=True)
+    (launch,) = res.counters
+    assert sum(r["mma"] for r in launch["regions"]) == 4 * 2 * 16
+    # warp_ops: 2 blocks x 4 warps, each 5 xor-shuffles, 2 indexed shuffles and one sync_warp.
+    res = emu.run("warp_ops", {"x": np.arange(256, dtype=np.float32)}, variant, counters=True)
+    (launch,) = res.counters
+    assert sum(r["shfl"] for r in launch["regions"]) == 8 * 7
+    assert sum(r["warp_syncs"] for r in launch["regions"]) == 8

@@ -35,7 +35,7 @@
 //                    floating point type"
 //   Error, Success, error_string(e), Stream, Grid
 //   launch(kernel, grid, threads, dyn_smem_bytes, stream, args...)   returns Error; sets the
-//                    opt-in shared-memory attribute when the request is over 48 KB
+//                    opt-in shared-memory attribute when static + dynamic exceed 48 KB
 //
 // The emulation (needs C++20; link with -pthread -rdynamic so failures can name the kernel):
 //   - sync_block is a counting barrier on a mutex and condition variable, so ThreadSanitizer
@@ -201,8 +201,14 @@ FC_DEVICE void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2]
 template <class... P, class... A>
 inline Error launch(void (*kernel)(P...), Grid grid, int threads, size_t dyn_smem_bytes,
                     Stream stream, A&&... args) {
-  // Above 48 KB a kernel must opt in to the larger carve-out before it is launched.
-  if (dyn_smem_bytes > 48 * 1024) {
+  // A block whose static plus dynamic shared memory exceeds 48 KB must opt in to the larger
+  // carve-out before it is launched.
+  cudaFuncAttributes attr{};
+  if (dyn_smem_bytes > 0) {
+    Error e = cudaFuncGetAttributes(&attr, kernel);
+    if (e != cudaSuccess) return e;
+  }
+  if (dyn_smem_bytes + attr.sharedSizeBytes > 48 * 1024) {
     Error e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    static_cast<int>(dyn_smem_bytes));
     if (e != cudaSuccess) return e;
@@ -468,6 +474,7 @@ struct ThreadInfo {  // what a thread is doing, for the failure message
 
 // A launch's counters and the sectors it has read and written so far.
 struct LaunchCounting {
+  std::mutex m;  // warp collectives of different warps complete concurrently
   emu::LaunchStats stats;
   std::unordered_set<uint64_t> read, written;  // 32-byte sector numbers
 };
@@ -688,6 +695,7 @@ inline void flush_counters(Block& b) {
 // Counts a completed collective (by its last arrival) in the caller's region.
 inline void count_collective(Block& b, const char* op, const char* region) {
   if (!b.counting) return;
+  std::lock_guard lk(b.counting->m);
   if (!std::strcmp(op, "sync_block")) flush_counters(b);  // first: regions in program order
   emu::RegionStats& r = b.counting->stats.region(region_name(region));
   if (!std::strcmp(op, "sync_block")) {
