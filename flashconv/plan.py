@@ -1,7 +1,9 @@
-"""The fused kernel's FFT plan and the Monarch order its spectra live in (DESIGN.md section 3).
+"""The fused kernel's FFT plan and the Monarch order its spectra live in (docs/kernels.md).
 
-N = 16^n16 * r (r in 1, 2, 4, 8): n16 radix-16 stages, then one radix-r stage (the same rule
-as python_ref.blockfft.plan and the comment table in cuda/include/flashconv/fftconv_fwd.h).
+N = r * 16^n16 (r in 1, 2, 4, 8): one radix-r stage first (if r > 1), then n16 radix-16
+stages (the same rule as python_ref.blockfft.plan and cuda/include/flashconv/block_fft.h).
+The radix-r stage comes first so that every radix-16 stage has a stride of 1 or a multiple
+of 16: its 16-element vectors, or 8 consecutive vectors, are then contiguous in memory.
 After the forward stages, position i of a row holds frequency monarch_perm(N)[i]; the kernel
 spectrum K is prepared in that order so the pointwise product needs no permutation.
 """
@@ -24,13 +26,9 @@ def fft_plan(N):
     uses N >= 32; the two-level kernel's outer factor may be smaller)."""
     if N < 2 or N & (N - 1):
         raise ValueError("fft_plan: N must be a power of two >= 2, got %r" % (N,))
-    radices = []
-    while N >= 16:
-        radices.append(16)
-        N //= 16
-    if N > 1:
-        radices.append(N)
-    return tuple(radices)
+    n16 = (N.bit_length() - 1) // 4
+    r = N >> (4 * n16)
+    return ((r,) if r > 1 else ()) + (16,) * n16
 
 
 @functools.lru_cache(maxsize=64)

@@ -8,10 +8,10 @@ converts; a kernel that rounds elsewhere will not match this emulation's error.
 Plan
 ----
 ``plan(N)`` factors N = 2**m (32 <= N <= 2**22) into radices applied in order, first radix
-first: m = 4q + t gives q radices of 16, followed, when t > 0, by ONE radix 2**t (2, 4 or 8)
-in the LAST position. The odd radix is the innermost factor: the last forward stage and the
-first inverse stage. Examples: 32 -> (16, 2), 256 -> (16, 16), 512 -> (16, 16, 2),
-2**22 -> (16, 16, 16, 16, 16, 4). Every function also accepts an explicit plan (any tuple of
+first: m = 4q + t gives, when t > 0, ONE radix 2**t (2, 4 or 8) in the FIRST position,
+followed by q radices of 16. The odd radix is the outermost factor: the first forward stage
+and the last inverse stage, so every radix-16 stage has stride 1 or a multiple of 16.
+Examples: 32 -> (2, 16), 256 -> (16, 16), 512 -> (2, 16, 16), 2**22 -> (4, 16, 16, 16, 16, 16). Every function also accepts an explicit plan (any tuple of
 powers of two >= 2 whose product is N), e.g. (32, 16) or (2, 16, 16).
 
 Forward stages (block_fft_stages)
@@ -128,15 +128,15 @@ _CACHE_MAX_SIZE = 2**16
 
 
 def plan(N):
-    """Default radix plan for N = 2**m, 32 <= N <= 2**22: 16s, then one 2/4/8 LAST if needed.
+    """Default radix plan for N = 2**m, 32 <= N <= 2**22: one 2/4/8 FIRST if needed, then 16s.
 
-    m = 4q + t -> (16,)*q + ((2**t,) if t else ()). E.g. 512 -> (16, 16, 2).
+    m = 4q + t -> ((2**t,) if t else ()) + (16,)*q. E.g. 512 -> (2, 16, 16).
     """
     N = int(N)
     if N < MIN_N or N > MAX_N or N & (N - 1):
         raise ValueError(f"N must be a power of two in [{MIN_N}, {MAX_N}], got {N}")
     q, t = divmod(N.bit_length() - 1, 4)
-    return (16,) * q + ((2**t,) if t else ())
+    return ((2**t,) if t else ()) + (16,) * q
 
 
 def _resolve_plan(N, radices):

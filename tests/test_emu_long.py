@@ -54,7 +54,7 @@ def test_orders():
     for n1, n2 in ((2, 16), (8, 128), (16, 256), (32, 64)):
         assert sorted(long_order(n1, n2)) == list(range(n1 * n2))
     # For N1 a power of 16, the two-level order is the one-level Monarch order.
-    assert (long_order(16, 128) == monarch_perm(2048)).all()
+    assert (long_order(16, 256) == monarch_perm(4096)).all()
 
 
 @pytest.mark.parametrize("L,N2", [(1000, 128), (1024, 16), (4000, 128), (3000, 16), (100, 16),

@@ -13,17 +13,17 @@ from python_ref.__main__ import error_table
 
 # Expected default plans, written out by hand from the rule "16s, then one 2/4/8 last".
 EXPECTED_PLANS = {
-    2**5: (16, 2),
-    2**6: (16, 4),
-    2**7: (16, 8),
+    2**5: (2, 16),
+    2**6: (4, 16),
+    2**7: (8, 16),
     2**8: (16, 16),
-    2**9: (16, 16, 2),
+    2**9: (2, 16, 16),
     2**12: (16, 16, 16),
-    2**14: (16, 16, 16, 4),
+    2**14: (4, 16, 16, 16),
     2**16: (16, 16, 16, 16),
-    2**22: (16, 16, 16, 16, 16, 4),
+    2**22: (4, 16, 16, 16, 16, 16),
 }
-ALT_PLANS = [(32, 16), (2, 16, 16), (16, 4, 16), (8, 4, 2, 4), (256,), (2,) * 9, (4, 32, 8)]
+ALT_PLANS = [(32, 16), (16, 16, 2), (16, 4, 16), (8, 4, 2, 4), (256,), (2,) * 9, (4, 32, 8)]
 
 
 def report(name, y, y_ref):
@@ -48,8 +48,8 @@ def test_plan_rule():
         N = 2**m
         p = pr.plan(N)
         assert math.prod(p) == N
-        # All 16 except possibly the last radix, which is 2, 4 or 8.
-        assert all(r == 16 for r in p[:-1]) and p[-1] in (2, 4, 8, 16)
+        # All 16 except possibly the first radix, which is 2, 4 or 8.
+        assert all(r == 16 for r in p[1:]) and p[0] in (2, 4, 8, 16)
         assert len(p) == math.ceil(m / 4)
     for N, expected in EXPECTED_PLANS.items():
         assert pr.plan(N) == expected

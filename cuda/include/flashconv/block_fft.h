@@ -1,15 +1,15 @@
 // Block (Monarch) FFT stages on a complex row held in shared memory (DESIGN.md section 3).
 //
-// Plan: N = 16^n16 * r with r in {1, 2, 4, 8}: n16 radix-16 stages, then (if r > 1) one
-// radix-r stage. Stage s (0-based) views each block of 16*S_s elements, S_s = N / 16^(s+1),
-// as a 16 x S_s matrix X[i][c] = x[i*S_s + c] and computes
-//     X = F16 @ X            (DFT along i: 16x16 DFT matrix times the data)
-//     X = X * tw             (tw[k1][c] = w_{16 S_s}^(k1 c), only if another stage follows)
+// Plan: N = r * 16^n16 with r in {1, 2, 4, 8}: (if r > 1) one radix-r stage first, then n16
+// radix-16 stages. Stage i (0-based) of radix R_i and stride S_i = N / (R_0 ... R_i) views each
+// block of R_i*S_i elements as an R_i x S_i matrix X[n][c] = x[n*S_i + c] and computes
+//     X = F_R @ X            (DFT along n: the RxR DFT matrix times the data)
+//     X = X * tw             (tw[k][c] = w_{R S_i}^(k c), only if another stage follows)
 // in place, so the spectrum ends in Monarch (transposed) order: python_ref.blockfft mirrors
-// this plan, and flashconv/plan.py gives the permutation. The radix-r stage works on
-// contiguous groups of r (S = 1) and has no twiddle. The inverse runs the stages in reverse
-// with conjugate DFT matrices; the conjugate twiddle of stage s is applied in the epilogue
-// of the inverse of stage s+1, which writes exactly the elements stage s then reads.
+// this plan, and flashconv/plan.py gives the permutation. With the odd radix first, every
+// radix-16 stage has a stride of 1 or a multiple of 16. The inverse runs the stages in reverse
+// with conjugate DFT matrices; the conjugate twiddle of stage i is applied in the epilogue
+// of the inverse of stage i+1, which writes exactly the elements stage i then reads.
 //
 // Two ways to compute a radix-16 stage, chosen by the storage type:
 //   cf16 storage (fp16/bf16 io): tensor cores. A 16x8 complex tile (8 vectors of 16) is
@@ -48,7 +48,7 @@ constexpr float kFp16Max = FLASHCONV_FP16_STORE_LIMIT;
 
 struct Plan {
   int n16;  // radix-16 stages
-  int r;    // last radix: 1 (none), 2, 4 or 8
+  int r;    // first radix: 1 (none), 2, 4 or 8
 };
 
 FC_HOST_DEVICE Plan make_plan(int64_t N) {
@@ -61,8 +61,18 @@ FC_HOST_DEVICE Plan make_plan(int64_t N) {
   return p;
 }
 
-// Stride S of radix-16 stage s: N / 16^(s+1).
-FC_HOST_DEVICE int64_t stage_stride(int64_t N, int s) { return N >> (4 * (s + 1)); }
+FC_HOST_DEVICE int plan_stages(const Plan& p) { return p.n16 + (p.r > 1 ? 1 : 0); }
+
+// Radix R and stride S of stage i (forward order: the radix-r stage, if any, is stage 0).
+FC_HOST_DEVICE void plan_stage(const Plan& p, int64_t N, int i, int& R, int64_t& S) {
+  if (p.r > 1 && i == 0) {
+    R = p.r;
+    S = N / p.r;
+    return;
+  }
+  R = 16;
+  S = (N / p.r) >> (4 * (i - (p.r > 1 ? 1 : 0) + 1));
+}
 
 // cos and sin of 2*pi*j/16: the DFT-16 matrix entries and the radix-2/4/8 roots.
 FC_HOST_DEVICE float cos16(int j) {
@@ -99,12 +109,13 @@ FC_DEVICE void cmul(float& re, float& im, float br, float bi) {
   re = r;
 }
 
-// w_{16 S}^(k1 c) for the element at `pos` of a stage with stride S (conjugated if inverse).
-FC_DEVICE void stage_twiddle(int64_t pos, int64_t S, bool inverse, float& wr, float& wi) {
-  const int64_t within = pos & (16 * S - 1);
-  const int64_t m = (within / S) * (within & (S - 1));  // k1 * c < 16 S: exact in float
+// w_{R S}^(k c) for the element at `pos` of a stage of radix R and stride S (RS = R * S),
+// conjugated if inverse.
+FC_DEVICE void stage_twiddle(int64_t pos, int64_t S, int64_t RS, bool inverse, float& wr, float& wi) {
+  const int64_t within = pos & (RS - 1);
+  const int64_t m = (within / S) * (within & (S - 1));  // k * c < R S: exact in float
   float s, c;
-  sincospi(-float(m) / float(8 * S), &s, &c);   // angle -2 pi m / (16 S)
+  sincospi(-float(m) / float(RS / 2), &s, &c);   // angle -2 pi m / (R S)
   wr = c;
   wi = inverse ? -s : s;
 }
@@ -132,18 +143,18 @@ FC_DEVICE void store_c(cf16* p, float re, float im, int* overflow, hw::Site at =
   hw::sts(p, cf16{hw::from_float<half_t>(re), hw::from_float<half_t>(im)}, at);
 }
 
-// Epilogue of an in-place stage: optional twiddle of the stage with stride tw_S (0: none),
-// then store. tw_inverse conjugates the twiddle.
+// Epilogue of an in-place stage: optional twiddle of the stage with stride tw_S and block size
+// tw_RS (tw_S = 0: none), then store. tw_inverse conjugates the twiddle.
 template <class S>
 struct StoreShared {
   S* buf;
-  int64_t tw_S;
+  int64_t tw_S, tw_RS;
   bool tw_inverse;
   int* overflow;
   FC_DEVICE void operator()(int64_t pos, float re, float im) const {
     if (tw_S) {
       float wr, wi;
-      stage_twiddle(pos, tw_S, tw_inverse, wr, wi);
+      stage_twiddle(pos, tw_S, tw_RS, tw_inverse, wr, wi);
       cmul(re, im, wr, wi);
     }
     store_c(buf + pos, re, im, overflow);
@@ -303,14 +314,15 @@ FC_DEVICE void stage16(cf32* buf, int64_t N, int64_t S, bool inverse, bool zero_
   stage_simt<16>(buf, N, S, inverse, zero_upper, 1.f, epi);
 }
 
-// The radix-r stage (r in {2, 4, 8}) on contiguous groups, in fp32 on CUDA cores.
+// A stage of radix R (2, 4, 8: fp32 on CUDA cores, times `scale`; 16: stage16) and stride S.
 template <class Store, class Epi>
-FC_DEVICE void stage_last(Store* buf, int64_t N, int r, bool inverse, float scale, const Epi& epi) {
-  switch (r) {
-    case 2: stage_simt<2>(buf, N, 1, inverse, false, scale, epi); break;
-    case 4: stage_simt<4>(buf, N, 1, inverse, false, scale, epi); break;
-    case 8: stage_simt<8>(buf, N, 1, inverse, false, scale, epi); break;
-    default: break;
+FC_DEVICE void stage_any(Store* buf, int64_t N, int R, int64_t S, bool inverse, bool zero_upper,
+                         const Dft16Fragments& F, float scale, const Epi& epi) {
+  switch (R) {
+    case 2: stage_simt<2>(buf, N, S, inverse, zero_upper, scale, epi); break;
+    case 4: stage_simt<4>(buf, N, S, inverse, zero_upper, scale, epi); break;
+    case 8: stage_simt<8>(buf, N, S, inverse, zero_upper, scale, epi); break;
+    default: stage16(buf, N, S, inverse, zero_upper, F, epi); break;
   }
 }
 
@@ -319,7 +331,9 @@ FC_DEVICE void stage_last(Store* buf, int64_t N, int r, bool inverse, float scal
 template <class S>
 struct Gains {
   static constexpr bool kScaled = std::is_same_v<S, cf16>;
-  FC_HOST_DEVICE static float last_scale(const Plan& p) { return kScaled && p.r > 2 ? 0.5f : 1.f; }
+  // The scale a CUDA-core stage of radix R applies (the tensor-core radix-16 stage scales
+  // inside F16).
+  FC_HOST_DEVICE static float stage_scale(int R) { return kScaled && (R == 4 || R == 8) ? 0.5f : 1.f; }
   // log2 of what one forward (or one inverse) transform divides by.
   FC_HOST_DEVICE static int transform_exp(const Plan& p) {
     return kScaled ? 2 * p.n16 + (p.r > 2 ? 1 : 0) : 0;
@@ -328,61 +342,79 @@ struct Gains {
   FC_HOST_DEVICE static int round_trip_exp(const Plan& p) { return 2 * transform_exp(p); }
 };
 
-// Counter regions (hw::region) of radix-16 stage s, forward and inverse.
-FC_DEVICE const char* stage_region(int s, bool inverse) {
-  switch (s) {
+// Counter regions (hw::region) of stage i, forward and inverse.
+FC_DEVICE const char* stage_region(int i, bool inverse) {
+  switch (i) {
     case 0: return inverse ? "inv.s0" : "fwd.s0";
     case 1: return inverse ? "inv.s1" : "fwd.s1";
     case 2: return inverse ? "inv.s2" : "fwd.s2";
-    default: return inverse ? "inv.s3" : "fwd.s3";
+    case 3: return inverse ? "inv.s3" : "fwd.s3";
+    default: return inverse ? "inv.s4" : "fwd.s4";
   }
 }
 
-// Forward block FFT, in place, natural -> Monarch order. Entries [0, N/2) of buf hold the
-// (scaled) row; [N/2, N) are causal zero padding and are never read. Ends with a barrier.
+// Forward block FFT, in place, natural -> Monarch order. causal: entries [N/2, N) of buf are
+// zero padding and are never read (the first stage reads only its upper half's complement);
+// otherwise the whole row is input. Ends with a barrier.
 template <class S>
 FC_DEVICE void block_fft_forward(S* buf, int64_t N, const Plan& plan, const Dft16Fragments& F,
-                                 int* overflow) {
-  for (int s = 0; s < plan.n16; ++s) {  // X = F16 @ X; X = X * tw (where a stage follows)
-    hw::region(stage_region(s, false));
-    const int64_t Ss = stage_stride(N, s);
-    const bool twiddle = s + 1 < plan.n16 || plan.r > 1;
-    stage16(buf, N, Ss, false, s == 0, F, StoreShared<S>{buf, twiddle ? Ss : 0, false, overflow});
-    hw::sync_block();
-  }
-  if (plan.r > 1) {  // X = F_r @ X on contiguous groups of r
-    hw::region("fwd.r");
-    stage_last(buf, N, plan.r, false, Gains<S>::last_scale(plan), StoreShared<S>{buf, 0, false, overflow});
+                                 int* overflow, bool causal = true) {
+  const int ns = plan_stages(plan);
+  for (int i = 0; i < ns; ++i) {  // X = F_R @ X; X = X * tw (where a stage follows)
+    hw::region(stage_region(i, false));
+    int R;
+    int64_t Si;
+    plan_stage(plan, N, i, R, Si);
+    stage_any(buf, N, R, Si, false, causal && i == 0, F, Gains<S>::stage_scale(R),
+              StoreShared<S>{buf, i + 1 < ns ? Si : 0, R * Si, false, overflow});
     hw::sync_block();
   }
 }
 
-// Inverse block FFT from Monarch order (unnormalised: times N and the stage gains). The last
-// stage hands (time index n, re, im) to `out` for n < N/2 only -- the discarded half of the
-// causal convolution is never produced -- unless `full` (negative lags, n >= N/2, are wanted:
-// the anti-causal kernel's gradient). Each earlier epilogue applies the conjugate twiddle the
-// next (outer) inverse stage needs. Ends with a barrier.
+// Inverse stages but the last (stage 0), from Monarch order; each epilogue applies the
+// conjugate twiddle of the stage before it. Ends with a barrier.
+template <class S>
+FC_DEVICE void block_fft_inverse_but_last(S* buf, int64_t N, const Plan& plan,
+                                          const Dft16Fragments& F, int* overflow) {
+  for (int i = plan_stages(plan) - 1; i >= 1; --i) {  // X = conj(F_R) @ X; X = conj(tw of i-1)
+    hw::region(stage_region(i, true));
+    int R;
+    int64_t Si;
+    plan_stage(plan, N, i, R, Si);
+    int Rp;
+    int64_t Sp;
+    plan_stage(plan, N, i - 1, Rp, Sp);
+    stage_any(buf, N, R, Si, true, false, F, Gains<S>::stage_scale(R),
+              StoreShared<S>{buf, Sp, Rp * Sp, true, overflow});
+    hw::sync_block();
+  }
+}
+
+// The last inverse stage (stage 0): hands (time index n, re, im) to `out` for n < N/2 only --
+// the discarded half of the causal convolution is never produced -- unless `full` (negative
+// lags, n >= N/2, are wanted: the anti-causal kernel's gradient). Ends with a barrier.
+template <class S, class Out>
+FC_DEVICE void block_fft_inverse_last(S* buf, int64_t N, const Plan& plan, const Dft16Fragments& F,
+                                      const Out& out, bool full = false) {
+  hw::region(stage_region(0, true));  // with the caller's epilogue
+  int R;
+  int64_t S0;
+  plan_stage(plan, N, 0, R, S0);
+  const int64_t limit = full ? N : N / 2;
+  stage_any(buf, N, R, S0, true, false, F, Gains<S>::stage_scale(R),
+            [&](int64_t n, float re, float im) {
+              if (n < limit) out(n, re, im);
+            });
+  hw::sync_block();
+}
+
+// Inverse block FFT from Monarch order (unnormalised: times N and the stage gains), the last
+// stage handing its outputs to `out` as block_fft_inverse_last says. Ends with a barrier.
 template <class S, class Out>
 FC_DEVICE void block_fft_inverse(S* buf, int64_t N, const Plan& plan, const Dft16Fragments& F,
                                  int* overflow, const Out& out, bool full = false) {
-  if (plan.r > 1) {  // X = conj(F_r) @ X; X = conj(tw of stage n16-1)
-    hw::region("inv.r");
-    stage_last(buf, N, plan.r, true, Gains<S>::last_scale(plan),
-               StoreShared<S>{buf, stage_stride(N, plan.n16 - 1), true, overflow});
-    hw::sync_block();
-  }
-  for (int s = plan.n16 - 1; s >= 1; --s) {  // X = conj(F16) @ X; X = conj(tw of stage s-1)
-    hw::region(stage_region(s, true));
-    stage16(buf, N, stage_stride(N, s), true, false, F,
-            StoreShared<S>{buf, stage_stride(N, s - 1), true, overflow});
-    hw::sync_block();
-  }
-  const int64_t limit = full ? N : N / 2;
-  hw::region(stage_region(0, true));  // with the caller's epilogue
-  stage16(buf, N, stage_stride(N, 0), true, false, F, [&](int64_t n, float re, float im) {
-    if (n < limit) out(n, re, im);
-  });
-  hw::sync_block();
+  block_fft_inverse_but_last(buf, N, plan, F, overflow);
+  block_fft_inverse_last(buf, N, plan, F, out, full);
 }
 
 }  // namespace flashconv

@@ -49,14 +49,17 @@ struct LongParams {
 };
 
 // Position p of a block FFT of size n (plan pl) holds frequency monarch_freq(p): the digits of
-// p (first stage's radix most significant) reversed into a mixed-radix number.
-FC_HOST_DEVICE int64_t monarch_freq(int64_t p, const Plan& pl) {
-  const int nd = pl.n16 + (pl.r > 1 ? 1 : 0);
-  int64_t f = 0;
-  for (int j = nd - 1; j >= 0; --j) {
-    const int rj = j == pl.n16 ? pl.r : 16;
-    f += (p % rj) << (4 * j);
-    p /= rj;
+// p (first stage's radix most significant) reversed into a mixed-radix number: digit k_j of
+// stage j weighs R_0 ... R_{j-1}.
+FC_HOST_DEVICE int64_t monarch_freq(int64_t p, const Plan& pl, int64_t n) {
+  int64_t f = 0, suffix = 1;
+  for (int j = plan_stages(pl) - 1; j >= 0; --j) {
+    int R;
+    int64_t S;
+    plan_stage(pl, n, j, R, S);
+    suffix *= R;
+    f += (p % R) * (n / suffix);
+    p /= R;
   }
   return f;
 }
@@ -90,26 +93,16 @@ FC_DEVICE void outer_stage_r(int r, cf32* tile, int64_t N1, int64_t C, int64_t S
   }
 }
 
-// Stage i of the N1 plan (radix-16 stages, then the radix-r one): its radix and stride.
-FC_DEVICE void outer_stage_shape(const Plan& pl, int64_t N1, int i, int& R, int64_t& S) {
-  if (i < pl.n16) {
-    R = 16;
-    S = stage_stride(N1, i);
-  } else {
-    R = pl.r;
-    S = 1;
-  }
-}
-
-// Stores into the tile with the twiddle of stage (radix 16, stride tw_S) applied to row pos / C.
+// Stores into the tile with the twiddle of a stage (stride tw_S, block tw_RS) applied to row
+// pos / C.
 struct StoreTile {
   cf32* tile;
-  int64_t C, tw_S;
+  int64_t C, tw_S, tw_RS;
   bool inverse;
   FC_DEVICE void operator()(int64_t pos, float re, float im) const {
     if (tw_S) {
       float wr, wi;
-      stage_twiddle(pos / C, tw_S, inverse, wr, wi);
+      stage_twiddle(pos / C, tw_S, tw_RS, inverse, wr, wi);
       cmul(re, im, wr, wi);
     }
     hw::sts(tile + pos, cf32{re, im});
@@ -120,13 +113,13 @@ struct StoreTile {
 // the last stage hands (pos, re, im) to `out` (row pos / C in Monarch order). Barrier at end.
 template <class Out>
 FC_DEVICE void outer_forward(cf32* tile, int64_t N1, int64_t C, const Plan& pl, const Out& out) {
-  const int ns = pl.n16 + (pl.r > 1 ? 1 : 0);
+  const int ns = plan_stages(pl);
   for (int i = 0; i < ns; ++i) {
     int R;
     int64_t S;
-    outer_stage_shape(pl, N1, i, R, S);
+    plan_stage(pl, N1, i, R, S);
     if (i + 1 < ns) {
-      outer_stage_r(R, tile, N1, C, S, false, i == 0, StoreTile{tile, C, S, false});
+      outer_stage_r(R, tile, N1, C, S, false, i == 0, StoreTile{tile, C, S, R * S, false});
     } else {
       outer_stage_r(R, tile, N1, C, S, false, i == 0, out);
     }
@@ -138,13 +131,15 @@ FC_DEVICE void outer_forward(cf32* tile, int64_t N1, int64_t C, const Plan& pl, 
 // `out` with row pos / C the natural n1. Barrier at end.
 template <class Out>
 FC_DEVICE void outer_inverse(cf32* tile, int64_t N1, int64_t C, const Plan& pl, const Out& out) {
-  const int ns = pl.n16 + (pl.r > 1 ? 1 : 0);
-  for (int i = ns - 1; i >= 0; --i) {
+  for (int i = plan_stages(pl) - 1; i >= 0; --i) {
     int R;
     int64_t S;
-    outer_stage_shape(pl, N1, i, R, S);
-    if (i > 0) {  // the conjugate twiddle of stage i-1 (always a radix-16 stage)
-      outer_stage_r(R, tile, N1, C, S, true, false, StoreTile{tile, C, stage_stride(N1, i - 1), true});
+    plan_stage(pl, N1, i, R, S);
+    if (i > 0) {  // the conjugate twiddle of stage i-1
+      int Rp;
+      int64_t Sp;
+      plan_stage(pl, N1, i - 1, Rp, Sp);
+      outer_stage_r(R, tile, N1, C, S, true, false, StoreTile{tile, C, Sp, Rp * Sp, true});
     } else {
       outer_stage_r(R, tile, N1, C, S, true, false, out);
     }
@@ -181,7 +176,7 @@ FC_GLOBAL void fftconv_long_outer_fwd_kernel(LongParams p) {
     outer_forward(tile, N1, C, pl, [&](int64_t pos, float re, float im) {
       const int64_t p1 = pos / C, n2 = c0 + pos % C;
       float wr, wi;
-      twiddle_n(monarch_freq(p1, pl) * n2, N, false, wr, wi);
+      twiddle_n(monarch_freq(p1, pl, N1) * n2, N, false, wr, wi);
       cmul(re, im, wr, wi);
       hw::stg(ws + p1 * N2 + n2, cf32{re, im}, "ws");
     });
@@ -189,39 +184,6 @@ FC_GLOBAL void fftconv_long_outer_fwd_kernel(LongParams p) {
 }
 
 // ---- pass B -------------------------------------------------------------------------------
-
-// Forward block FFT of a full row (no causal zero half), natural -> Monarch. Barrier at end.
-template <class S>
-FC_DEVICE void inner_forward(S* buf, int64_t N, const Plan& plan, const Dft16Fragments& F,
-                             int* overflow) {
-  for (int s = 0; s < plan.n16; ++s) {
-    const int64_t Ss = stage_stride(N, s);
-    const bool twiddle = s + 1 < plan.n16 || plan.r > 1;
-    stage16(buf, N, Ss, false, false, F, StoreShared<S>{buf, twiddle ? Ss : 0, false, overflow});
-    hw::sync_block();
-  }
-  if (plan.r > 1) {
-    stage_last(buf, N, plan.r, false, Gains<S>::last_scale(plan), StoreShared<S>{buf, 0, false, overflow});
-    hw::sync_block();
-  }
-}
-
-// Inverse stages except the last (radix-16, stride N/16) one, which the caller runs once it
-// knows no store overflowed. Barrier at end.
-template <class S>
-FC_DEVICE void inner_inverse_but_last(S* buf, int64_t N, const Plan& plan, const Dft16Fragments& F,
-                                      int* overflow) {
-  if (plan.r > 1) {
-    stage_last(buf, N, plan.r, true, Gains<S>::last_scale(plan),
-               StoreShared<S>{buf, stage_stride(N, plan.n16 - 1), true, overflow});
-    hw::sync_block();
-  }
-  for (int s = plan.n16 - 1; s >= 1; --s) {
-    stage16(buf, N, stage_stride(N, s), true, false, F,
-            StoreShared<S>{buf, stage_stride(N, s - 1), true, overflow});
-    hw::sync_block();
-  }
-}
 
 template <class T>
 FC_GLOBAL void fftconv_long_inner_kernel(LongParams p) {
@@ -271,20 +233,18 @@ FC_GLOBAL void fftconv_long_inner_kernel(LongParams p) {
         }
       }
       hw::sync_block();
-      inner_forward(buf, N2, plan, F, &overflow);
+      block_fft_forward(buf, N2, plan, F, &overflow, /*causal=*/false);
       multiply_spectrum(buf, K, N2, false, &overflow);
-      inner_inverse_but_last(buf, N2, plan, F, &overflow);
+      block_fft_inverse_but_last(buf, N2, plan, F, &overflow);
       if (Gains<S>::kScaled) {  // an overflowed fp16 store was clamped: redo the row
         hw::region("overflow");
         const bool any_overflow = block_reduce<false>(float(overflow), red) > 0.f;
         if (any_overflow && finite(m) && attempt < 2) continue;
       }
       const float undo = ldexpf(1.f, e + undo_exp);
-      hw::region(stage_region(0, true));
-      stage16(buf, N2, stage_stride(N2, 0), true, false, F, [&](int64_t n, float re, float im) {
+      block_fft_inverse_last(buf, N2, plan, F, [&](int64_t n, float re, float im) {
         hw::stg(row + n, cf32{re * undo, im * undo}, "ws");
-      });
-      hw::sync_block();
+      }, /*full=*/true);
       break;
     }
   }
@@ -311,7 +271,7 @@ FC_GLOBAL void fftconv_long_outer_inv_kernel(LongParams p) {
       const int64_t p1 = i / C, n2 = c0 + i % C;
       const cf32 v = hw::ldg(ws + p1 * N2 + n2, "ws");
       float re = v.re, im = v.im, wr, wi;
-      twiddle_n(monarch_freq(p1, pl) * n2, N, true, wr, wi);
+      twiddle_n(monarch_freq(p1, pl, N1) * n2, N, true, wr, wi);
       cmul(re, im, wr, wi);
       hw::sts(tile + i, cf32{re, im});
     }
