@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call (../shared/GPU.md): build, gpu tests, compute-sanitizer,
-# benchmarks, and a short summary printed last. Run from the repository root on the lent
-# machine; everything worth keeping goes to $OUT (default ./gpu_out).
+# The whole GPU check in one call: build, gpu tests, compute-sanitizer, Nsight Compute counters
+# beside the emulator's, benchmarks, and a short summary printed last. Run from the repository
+# root on the lent machine; everything worth keeping goes to $OUT (default ./gpu_out).
 #   bash scripts/gpu_check.sh            # everything
 #   QUICK=1 bash scripts/gpu_check.sh    # build + tests + sanitizers only
 set -uo pipefail
@@ -35,6 +35,19 @@ for tool in memcheck racecheck; do
     > "$OUT/sanitizer_$tool.log" 2>&1 && echo "$tool: clean" || { echo "$tool: ERRORS"; status=1; }
   tail -3 "$OUT/sanitizer_$tool.log"
 done
+
+log "Nsight Compute counters beside the emulator's (bench/ncu_compare.py)"
+if command -v ncu >/dev/null 2>&1; then
+  METRICS=$(python -c "from bench.ncu_compare import METRICS; print(','.join(METRICS.values()))")
+  timeout 240 ncu --clock-control none --csv --page raw --metrics "$METRICS" \
+    -k regex:"fftconv_(fwd|bwd)_kernel" python scripts/ncu_case.py > "$OUT/ncu.csv" 2> "$OUT/ncu.log" \
+    || { echo "ncu: FAILED"; tail -5 "$OUT/ncu.log"; status=1; }
+  python bench/ncu_compare.py "$OUT/ncu.csv" --json "$OUT/ncu_compare.json" > "$OUT/ncu_compare.log" 2>&1 \
+    || { echo "ncu_compare: FAILED"; tail -5 "$OUT/ncu_compare.log"; status=1; }
+  head -40 "$OUT/ncu_compare.log"
+else
+  echo "ncu not found: no hardware counters"
+fi
 
 if [ -z "${QUICK:-}" ]; then
   log "benchmark sweep"

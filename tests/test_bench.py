@@ -77,3 +77,37 @@ def test_sweep_without_matplotlib_fails_loudly(tmp_path):
     assert "--no-plot" in out.stderr
     assert not list(tmp_path.iterdir())  # nothing timed, nothing written
     assert "[  1/" not in out.stdout
+
+
+@pytest.mark.emu
+def test_model_row_keys_and_sanity():
+    # One small row of the performance model (bench/model.py) through the emulator.
+    from bench import model
+    pytest.importorskip("numpy")
+    row = model.model_row("fwd", "bf16", 256, lint=[])
+    for key in ("kernel", "dtype", "L", "N", "B", "H", "dram_bytes", "floor_bytes", "l2_bytes",
+                "smem_wavefronts", "smem_wavefronts_ideal", "global_sector_efficiency",
+                "barriers_per_pair", "mma_per_pair", "regs", "ctas_per_sm", "warps_per_sm",
+                "slow_div_calls", "modeled_time_s", "floor_time_s"):
+        assert key in row, key
+    assert (row["B"], row["H"], row["L"]) == (64, 768, 256)
+    # u read and y written at least once: the DRAM estimate cannot be below the data part
+    # of the floor, nor the time below the floor time.
+    assert row["dram_bytes"] >= 2 * 64 * 768 * 256 * 2
+    assert row["modeled_time_s"] >= row["floor_time_s"]
+    assert row["smem_wavefronts"] >= row["smem_wavefronts_ideal"] > 0
+    assert 0 < row["global_sector_efficiency"] <= 1
+    assert row["barriers_per_pair"] >= 1
+
+
+def test_ncu_compare_reads_raw_csv(tmp_path):
+    # bench/ncu_compare.py's reader on a synthetic `ncu --csv --page raw` file.
+    from bench import ncu_compare
+    metrics = list(ncu_compare.METRICS.values())
+    head = ["ID", "Kernel Name"] + metrics
+    units = ["", ""] + ["" for _ in metrics]
+    row = ["0", "void flashconv::fftconv_fwd_kernel<...>(FwdParams)"] + [str(i + 1) for i in range(len(metrics))]
+    (tmp_path / "ncu.csv").write_text("\n".join(",".join('"%s"' % c for c in r) for r in (head, units, row)) + "\n")
+    (name, vals), = ncu_compare.read_ncu(tmp_path / "ncu.csv")
+    assert "fftconv_fwd_kernel" in name
+    assert vals["smem_ld_instr"] == 1.0 and vals["achieved_occupancy_pct"] == float(len(metrics))
