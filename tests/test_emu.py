@@ -244,10 +244,31 @@ def test_kernels_compile_with_nvcc(arch):
     ptx = emu.nvcc_check(arch)
     for t in ("f16.f16", "bf16.bf16"):
         assert f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.f32" in ptx
-    assert ptx.count(".entry") == 16  # every proof kernel was instantiated
+    assert ptx.count(".entry") == 17  # every proof kernel was instantiated
+    assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in ptx and "movmatrix.sync" in ptx
     # The memory accessors (hw::lds, hw::ldg, ...) are plain loads under nvcc: the counters
     # kernel's 8- and 16-byte shared reads stay single vector loads.
     body = ptx[ptx.index(".entry _ZN5proof15counters_kernel"):]
     body = body[:body.index("\n}\n")]
     assert "ld.shared.v2.u32" in body and "ld.shared.v4.u32" in body
     assert "ld.global.nc.f32" in body or "ld.global.f32" in body
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ldmatrix_movmatrix_sync_or(variant):
+    # Fragment layouts of ldmatrix (plain and .trans) and movmatrix against the PTX ISA's
+    # description, computed from the matrix in numpy; and __syncthreads_or.
+    m = np.arange(256, dtype=np.uint16).reshape(16, 16) * 7 + 3
+    out = emu.run("ldmatrix", {"m": m}, variant).outputs
+    lanes = np.arange(32)
+    g, t = lanes // 4, lanes % 4
+    # matrix i: rows 8 (i & 1) .. +8, cols 8 (i >> 1) .. +8
+    for i in range(4):
+        sub = m[8 * (i & 1):8 * (i & 1) + 8, 8 * (i >> 1):8 * (i >> 1) + 8]
+        plain = sub[g, 2 * t].astype(np.uint32) | (sub[g, 2 * t + 1].astype(np.uint32) << 16)
+        trans = sub[2 * t, g].astype(np.uint32) | (sub[2 * t + 1, g].astype(np.uint32) << 16)
+        np.testing.assert_array_equal(out["plain"][:, i], plain)
+        np.testing.assert_array_equal(out["trans"][:, i], trans)
+        # movmatrix of the plain fragments is the transposed fragments
+        np.testing.assert_array_equal(out["moved"][:, i], trans)
+    np.testing.assert_array_equal(out["any"], [0, 1, 1])

@@ -417,6 +417,16 @@ const std::map<std::string, Case> cases = {
        if (x.size() < 2048) throw std::runtime_error("counters: x needs 2048 floats");
        return proof::launch_counters(x.ptr(), y.ptr(), nullptr);
      }},
+    {"ldmatrix",
+     [](Io& io) {
+       auto m = io.in<uint16_t>("m");  // (16, 16) raw 16-bit values
+       auto& plain = io.out<uint32_t>("plain", {32, 4});
+       auto& trans = io.out<uint32_t>("trans", {32, 4});
+       auto& moved = io.out<uint32_t>("moved", {32, 4});
+       auto& any = io.out<int32_t>("any", {3});
+       if (m.size() != 256) throw std::runtime_error("ldmatrix: m must be (16, 16)");
+       return proof::launch_ldmatrix(m.ptr(), plain.ptr(), trans.ptr(), moved.ptr(), any.ptr(), nullptr);
+     }},
     {"racy", out_only<proof::launch_racy>},
     {"early_exit", out_only<proof::launch_early_exit>},
     {"deadlock", out_only<proof::launch_deadlock>},

@@ -224,6 +224,40 @@ hw::Error launch_convert(const float* x, T* y, float* back, int n, hw::Stream st
   return hw::launch(convert_kernel<T>, {4, 1}, 128, 0, stream, x, y, back, n);
 }
 
+// ---------------------------------------------------------------- ldmatrix, movmatrix, sync_block_or
+// One warp: m (16 x 16 16-bit values, row-major) into shared memory; lane L gives the address of
+// row L % 8 of matrix L / 8 for matrices (rows 0-7, cols 0-7), (rows 8-15, cols 0-7), (rows 0-7,
+// cols 8-15), (rows 8-15, cols 8-15) -- the mma A-operand order. Out (32 lanes x 4 registers):
+// plain[L][i], trans[L][i] (ldmatrix_x4 / _trans), moved[L][i] = movmatrix_trans(plain[L][i]).
+// any[j] = sync_block_or(thread_idx() == who[j]) for who = {-1, 5, 31} (a 32-thread block).
+FC_GLOBAL void ldmatrix_kernel(const uint16_t* __restrict__ m, uint32_t* __restrict__ plain,
+                               uint32_t* __restrict__ trans, uint32_t* __restrict__ moved,
+                               int* __restrict__ any) {
+  alignas(16) FC_SHARED uint16_t tile[16 * 16];
+  const int lane = hw::lane_id();
+  for (int i = lane; i < 256; i += 32) hw::sts(tile + i, m[i]);
+  hw::sync_block();
+  const int mat = lane / 8, row = (lane % 8) + 8 * (mat & 1), col = 8 * (mat >> 1);
+  uint32_t r[4], q[4];
+  hw::ldmatrix_x4(r, tile + row * 16 + col);
+  hw::ldmatrix_x4_trans(q, tile + row * 16 + col);
+  for (int i = 0; i < 4; ++i) {
+    plain[lane * 4 + i] = r[i];
+    trans[lane * 4 + i] = q[i];
+    moved[lane * 4 + i] = hw::movmatrix_trans(r[i]);
+  }
+  const int who[3] = {-1, 5, 31};
+  for (int j = 0; j < 3; ++j) {
+    const int v = hw::sync_block_or(hw::thread_idx() == who[j]);
+    if (lane == 0) any[j] = v;
+  }
+}
+
+inline hw::Error launch_ldmatrix(const uint16_t* m, uint32_t* plain, uint32_t* trans,
+                                 uint32_t* moved, int* any, hw::Stream stream) {
+  return hw::launch(ldmatrix_kernel, {1, 1}, 32, 0, stream, m, plain, trans, moved, any);
+}
+
 // ---------------------------------------------------------------- counters
 // Access patterns with hand-computed costs, one region each (tests/test_emu_counters.py holds
 // the expected counts). 64 threads (two warps), x: 2048 floats of input, y: 2048 floats out.

@@ -22,6 +22,7 @@ hw::Error instantiate_all(hw::Stream s) {
   keep(launch_convert(f, h, f, 1, s));
   keep(launch_convert(f, b, f, 1, s));
   keep(launch_counters(f, f, s));
+  keep(launch_ldmatrix(reinterpret_cast<const uint16_t*>(h), u, u, u, nullptr, s));
   keep(launch_racy(f, s));
   keep(launch_early_exit(f, s));
   keep(launch_deadlock(f, s));

@@ -28,8 +28,19 @@
 //   region(name)     names the code that follows (until the next region call) for the counters
 //   Site             where a call is made; every accessor takes one as a defaulted last
 //                    argument, and helpers that issue accesses for their caller pass theirs on
+//   sync_block_or(pred)   __syncthreads_or: a barrier that returns whether any thread's pred
+//                    is nonzero
 //   sync_warp(), shfl_xor(v, mask), shfl_idx(v, src)   full-warp (all 32 lanes) collectives,
 //                    v float or uint32_t
+//   ldmatrix_x4(r, row), ldmatrix_x4_trans(r, row)   ldmatrix.sync.aligned.m8n8.x4[.trans]
+//                    .shared.b16: lane L gives the address of row L % 8 of matrix L / 8 (16
+//                    bytes, 16-byte aligned, shared memory); r[i] is this lane's fragment of
+//                    matrix i: lane (g, t) = (L / 4, L % 4) gets elements (g, 2t), (g, 2t+1),
+//                    or with .trans (2t, g), (2t+1, g); lower column or row in the low half
+//   movmatrix_trans(a)  movmatrix.sync.aligned.m8n8.trans.b16: the 8x8 matrix of 16-bit
+//                    elements held as fragments (lane (g, t): (g, 2t), (g, 2t+1)) transposed
+//   pack_half2(lo, hi), unpack_half2(v, lo, hi), pack_bf162(lo, hi)   two floats <-> two
+//                    16-bit values in one register (round to nearest even), lo in the low half
 //   mma_m16n8k16<T>(d, a, b, c)   mma.sync.aligned.m16n8k16.row.col.f32.{f16|bf16}.{..}.f32,
 //                    fragments as in the PTX ISA, "Matrix Fragments for mma.m16n8k16 with
 //                    floating point type"
@@ -176,6 +187,42 @@ template <class T>
 FC_DEVICE T ldg(const T* p, const char*, Site = Site::current()) { return *p; }
 template <class T>
 FC_DEVICE void stg(T* p, const T& v, const char*, Site = Site::current()) { *p = v; }
+
+FC_DEVICE int sync_block_or(int pred) { return __syncthreads_or(pred); }
+
+FC_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row, Site = Site::current()) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a)
+               : "memory");
+}
+FC_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row, Site = Site::current()) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a)
+               : "memory");
+}
+FC_DEVICE uint32_t movmatrix_trans(uint32_t a) {
+  uint32_t d;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
+  return d;
+}
+
+FC_DEVICE uint32_t pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+FC_DEVICE void unpack_half2(uint32_t v, float& lo, float& hi) {
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&v));
+  lo = f.x;
+  hi = f.y;
+}
+FC_DEVICE uint32_t pack_bf162(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
 
 template <class T>
 FC_DEVICE void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2],
@@ -488,6 +535,7 @@ struct Block {
   std::unique_ptr<Warp[]> warps;
   std::unique_ptr<ThreadInfo[]> info;
   LaunchCounting* counting = nullptr;  // null: counters off
+  int or_slot[2] = {0, 0};             // sync_block_or, by round parity
   // Threads neither exited nor waiting at a barrier. Updated (relaxed, so ThreadSanitizer sees
   // no ordering from it) together with the barrier state, under that barrier's mutex: when it
   // reads 0, every live thread waits at a barrier that cannot complete.
@@ -704,6 +752,8 @@ inline void count_collective(Block& b, const char* op, const char* region) {
     r.mma += 1;
   } else if (!std::strcmp(op, "sync_warp")) {
     r.warp_syncs += 1;
+  } else if (!std::strncmp(op, "ldmatrix", 8)) {
+    // a shared load, recorded by each lane
   } else {
     r.shfl += 1;
   }
@@ -729,7 +779,7 @@ void arrive(Barrier& bar, unsigned round, int expected, const char* op, bool sam
                 where(p.at.file_name(), p.at.line()) + ") and " + op + " (" +
                 where(at.file_name(), at.line()) + ")");
   }
-  publish();
+  publish(p.arrived);
   const unsigned gen = p.gen;
   if (++p.arrived == expected) {
     count_collective(b, op, b.info[c.tid].region);
@@ -769,7 +819,7 @@ inline const uint32_t (*warp_exchange(const uint32_t* words, int n, const char* 
   Warp& w = b.warps[c.tid / kWarp];
   const int lane = c.tid % kWarp;
   const unsigned round = b.info[c.tid].warp_round++;
-  arrive(w.bar, round, kWarp, op, false, at, [&] {
+  arrive(w.bar, round, kWarp, op, false, at, [&](int) {
     if (n) std::memcpy(w.slot[round & 1][lane], words, sizeof(uint32_t) * n);
   });
   return w.slot[round & 1];
@@ -944,11 +994,25 @@ inline T* dyn_smem() {
 inline void sync_block(const detail::Where& at = detail::Where::current()) {
   detail::ThreadCtx& c = detail::ctx();
   detail::Block& b = *c.block;
-  detail::arrive(b.bar, b.info[c.tid].block_round++, b.threads, "sync_block", true, at, [] {});
+  detail::arrive(b.bar, b.info[c.tid].block_round++, b.threads, "sync_block", true, at, [](int) {});
 }
 
 inline void sync_warp(const detail::Where& at = detail::Where::current()) {
   detail::warp_exchange(nullptr, 0, "sync_warp", at);
+}
+
+// The first arrival of a round clears its parity's slot: every thread has read that slot's
+// previous value (two rounds ago) before it could arrive at the round in between.
+inline int sync_block_or(int pred, const detail::Where& at = detail::Where::current()) {
+  detail::ThreadCtx& c = detail::ctx();
+  detail::Block& b = *c.block;
+  const unsigned round = b.info[c.tid].block_round++;
+  int& slot = b.or_slot[round & 1];
+  detail::arrive(b.bar, round, b.threads, "sync_block", true, at, [&](int arrived) {
+    if (arrived == 0) slot = 0;
+    slot |= pred != 0;
+  });
+  return slot;
 }
 
 inline uint32_t shfl_xor(uint32_t v, int mask, const detail::Where& at = detail::Where::current()) {
@@ -1008,6 +1072,63 @@ template <class T>
 inline void stg(T* p, const T& v, const char* tensor, Site at = Site::current()) {
   detail::record(p, sizeof(T), detail::Access::kStg, tensor, at);
   *p = v;
+}
+
+// ldmatrix: every lane publishes its row address (and counts a 16-byte shared load: eight rows
+// of a matrix are one quarter-warp phase), then reads the rows its fragments come from.
+namespace detail {
+template <bool kTrans>
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, const Site& at) {
+  record(row, 16, Access::kLds, nullptr, at);
+  const uint64_t mine = reinterpret_cast<uintptr_t>(row);
+  const uint32_t words[2] = {uint32_t(mine), uint32_t(mine >> 32)};
+  const uint32_t(*lanes)[kSlotWords] =
+      warp_exchange(words, 2, kTrans ? "ldmatrix_x4_trans" : "ldmatrix_x4", at);
+  auto addr = [&](int lane) {
+    return reinterpret_cast<const unsigned char*>(uintptr_t(lanes[lane][0]) |
+                                                  (uintptr_t(lanes[lane][1]) << 32));
+  };
+  auto half = [](const unsigned char* p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return uint32_t(h);
+  };
+  const int g = lane_id() >> 2, t = lane_id() & 3;
+  for (int i = 0; i < 4; ++i) {
+    if (kTrans) {  // (2t, g) and (2t+1, g): column g of rows 2t, 2t+1
+      r[i] = half(addr(8 * i + 2 * t) + 2 * g) | (half(addr(8 * i + 2 * t + 1) + 2 * g) << 16);
+    } else {       // (g, 2t) and (g, 2t+1): one word of row g
+      std::memcpy(&r[i], addr(8 * i + g) + 4 * t, 4);
+    }
+  }
+}
+}  // namespace detail
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, Site at = Site::current()) {
+  detail::ldmatrix_x4<false>(r, row, at);
+}
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row, Site at = Site::current()) {
+  detail::ldmatrix_x4<true>(r, row, at);
+}
+
+// Lane (g, t) receives (2t, g) and (2t+1, g); element (row, col) is held by lane
+// 4 * row + col / 2, in the high half when col is odd.
+inline uint32_t movmatrix_trans(uint32_t a, const detail::Where& at = detail::Where::current()) {
+  const uint32_t(*lanes)[detail::kSlotWords] = detail::warp_exchange(&a, 1, "movmatrix_trans", at);
+  const int g = lane_id() >> 2, t = lane_id() & 3;
+  auto element = [&](int row, int col) { return (lanes[4 * row + col / 2][0] >> (16 * (col & 1))) & 0xffffu; };
+  return element(2 * t, g) | (element(2 * t + 1, g) << 16);
+}
+
+inline uint32_t pack_half2(float lo, float hi) {
+  return uint32_t(detail::half_from_float(lo)) | (uint32_t(detail::half_from_float(hi)) << 16);
+}
+inline void unpack_half2(uint32_t v, float& lo, float& hi) {
+  lo = detail::half_to_float(uint16_t(v));
+  hi = detail::half_to_float(uint16_t(v >> 16));
+}
+inline uint32_t pack_bf162(float lo, float hi) {
+  return uint32_t(detail::bf16_from_float(lo)) | (uint32_t(detail::bf16_from_float(hi)) << 16);
 }
 
 // atomicAdd on global memory (relaxed: the kernel's end is what orders it for the host).
