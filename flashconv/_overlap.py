@@ -21,6 +21,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from flashconv import _cpu
+from flashconv._scaling import np_amax, np_exponents, np_scale
 
 sfft = _cpu.sfft  # scipy.fft, imported on first use
 
@@ -154,7 +155,7 @@ def overlap_save(u, k, D=None, g_in=None, g_out=None, block=None):
     """
     _check(u, k, D, g_in, g_out)
     B, H, L = u.shape
-    dtype = np.float64 if u.dtype == np.float64 else np.float32
+    dtype = np.float64 if u.dtype.itemsize == 8 else np.float32  # any byte order
     lk = min(int(k.shape[1]), L)
     if B * H * L == 0:
         return np.zeros(u.shape, u.dtype)
@@ -165,11 +166,16 @@ def overlap_save(u, k, D=None, g_in=None, g_out=None, block=None):
         raise ValueError("overlap_save: block must be >= min(Lk, L) = %d, got %d" % (lk, P))
     S = P - lk + 1  # outputs kept per block
     nb = -(-L // S)
-    K = sfft.rfft(np.asarray(k[:, :lk], dtype), n=P, axis=-1)  # (H, P//2 + 1) complex
+    # k scaled per channel by a power of two around the FFTs, as each item's rows are
+    # (flashconv/_scaling.py); channels or rows holding a NaN or Inf give NaN rows.
+    kk = np.array(k[:, :lk], dtype)
+    ek, kbad = np_exponents(np_amax(kk))
+    K = sfft.rfft(np_scale(kk, None if ek is None else -ek), n=P, axis=-1)  # (H, P//2 + 1)
     out = np.empty((B, H, L), dtype)
     itemsize = np.dtype(dtype).itemsize
+    bad_rows = np.zeros((B, H), bool)
 
-    def work(item):
+    def work(item, w):
         b, h0, h1, j0, j1 = item
         rows, nblk = h1 - h0, j1 - j0
         t0 = j0 * S  # first output of the item
@@ -183,16 +189,25 @@ def overlap_save(u, k, D=None, g_in=None, g_out=None, block=None):
             dst[...] = u[b, h0:h1, lo:t1]
         else:
             np.multiply(u[b, h0:h1, lo:t1], g_in[b, h0:h1, lo:t1], out=dst)
+        ex, xbad = np_exponents(np_amax(buf))
+        x = buf
+        if ex is not None:
+            x = buf.copy() if D is not None else None
+            np_scale(buf, -ex)
+        if xbad is not None:
+            bad_rows[b, h0:h1] |= xbad[:, 0]
         # (rows, nblk, P) windows with hop S: a view, no copy.
         win = as_strided(buf, (rows, nblk, P), (buf.strides[0], S * itemsize, itemsize), writeable=False)
         X = sfft.rfft(win, axis=-1)  # (rows, nblk, P//2 + 1)
         X *= K[h0:h1, None, :]
         z = sfft.irfft(X, n=P, axis=-1, overwrite_x=True)[..., lk - 1:]  # (rows, nblk, S): valid part
         z = z.reshape(rows, nblk * S)[:, :t1 - t0]
+        e = ex if ek is None else (ek[h0:h1] if ex is None else ex + ek[h0:h1])
+        np_scale(z, e)
         o = out[b, h0:h1, t0:t1]
         if D is not None:
             # D x, with x read back from the buffer (already gated).
-            np.multiply(buf[:, t0 - a:t1 - a], np.asarray(D[h0:h1], dtype)[:, None], out=o)
+            np.multiply(x[:, t0 - a:t1 - a], np.asarray(D[h0:h1], dtype)[:, None], out=o)
             o += z
         else:
             o[...] = z
@@ -200,7 +215,12 @@ def overlap_save(u, k, D=None, g_in=None, g_out=None, block=None):
             o *= g_out[b, h0:h1, t0:t1]
 
     _cpu._run(_items(B, H, nb, P, itemsize), work, B * H * L)
-    return out.astype(u.dtype, copy=False)
+    if kbad is not None:
+        bad_rows |= kbad[:, 0]
+    if bad_rows.any():
+        out[bad_rows] = np.nan  # the NaN rule: the whole row (docs/cpu-engines.md)
+    with np.errstate(over="ignore"):
+        return out.astype(u.dtype, copy=False)
 
 
 # --- overlap-save on torch tensors around a block convolution (the fused CUDA kernel) -------

@@ -27,6 +27,8 @@ __all__ = ["compose_backward", "kernel_grad", "zero_grads"]
 
 def kernel_grad(k, lk, g):
     """(H, Lk) gradient of a time-domain kernel from the (H, lk) gradient of its used taps."""
+    if lk == int(k.shape[1]):  # every tap used: no zero tail, no second (H, Lk) array
+        return g.to(k.dtype).contiguous()
     dk = k.new_zeros(k.shape)  # taps >= L get no gradient
     dk[:, :lk] = g.to(k.dtype)
     return dk
@@ -86,7 +88,11 @@ def compose_backward(dy, u, k, D, g_in, g_out, k_rev, mask, cdt, *, conv, adjoin
             dgo[rows] = dy[rows].to(cdt) * z
             del z
         if need_D:
-            dD[h] = (dz * x).sum(dim=(0, 2))
+            # The NaN rule (docs/cpu-engines.md): a channel with a non-finite row of x or dz
+            # gets a NaN dD, as its dk does.
+            finite = (torch.isfinite(x).all(-1) & torch.isfinite(dz).all(-1)).all(0)
+            dD[h] = torch.where(finite, (dz * x).sum(dim=(0, 2)),
+                                torch.full((), float("nan"), dtype=cdt, device=x.device))
         if need_k or need_kr:
             gk, gkr = correlate(x, dz, h)
             if need_k:

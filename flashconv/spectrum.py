@@ -22,7 +22,7 @@ from flashconv import _cpu
 from flashconv.plan import device_perm
 
 __all__ = ["KernelSpectrum", "monarch_spectrum", "natural_spectrum", "rfft_spectrum",
-           "cuda_fft_size", "spectrum_precision"]
+           "scaled_rfft_spectrum", "cuda_fft_size", "spectrum_precision"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,30 @@ def rfft_spectrum(k, k_exponent, n, L, cdt, k_rev, fft_size):
     K = _cpu_torch.kernel_spectrum(k.detach(), L, n, cdt,
                                    None if k_rev is None else k_rev.detach())
     return K, n, lk, lkr
+
+
+def scaled_rfft_spectrum(k, k_rev, L, n, cdt, unscale=False):
+    """(K, e, bad) for the taps k[:, :L] (and k_rev[:, :L]) on any device, without host
+    synchronisation: K = rfft(k 2^-e, n) (+ conj(rfft(k_rev 2^-e, n))), each channel scaled by a
+    power of two (e (H, 1) int; flashconv/_scaling.py), bad (H, 1) marking channels that hold a
+    NaN or Inf. unscale=True returns K times 2^e with bad channels NaN (fft_kernel under
+    torch.compile)."""
+    import torch
+
+    from flashconv._scaling import t_amax, t_exponents, t_scale
+
+    kk = k[:, :L].to(cdt)
+    kr = None if k_rev is None else k_rev[:, :L].to(cdt)
+    amax = t_amax(kk)
+    if kr is not None:
+        amax = torch.maximum(amax, t_amax(kr))
+    e, bad = t_exponents(amax, sync=False)
+    K = torch.fft.rfft(t_scale(kk.clone(), -e), n=n)
+    if kr is not None:
+        K = K + torch.fft.rfft(t_scale(kr.clone(), -e), n=n).conj()
+    if unscale:
+        K = torch.where(bad, torch.full_like(K, float("nan")), t_scale(K, e))
+    return K, e, bad
 
 
 def cpu_rfft_spectrum(k, k_exponent, n, L, cdt, k_rev=None):

@@ -33,6 +33,7 @@ import numbers
 
 import torch
 
+from flashconv import _memory
 from flashconv.ops import fftconv
 
 __all__ = ["ssm_conv", "DEFAULT_CHUNK"]
@@ -47,11 +48,12 @@ __all__ = ["ssm_conv", "DEFAULT_CHUNK"]
 DEFAULT_CHUNK = 2048
 
 # Working-set budgets (elements). Passes 1 and 3 handle as many chunks at once as fit in
-# _GROUP_ELEMS real values per temporary (16 MB float32 on CPU: cache-friendly batches;
-# larger on CUDA, where fewer, bigger launches are what counts). The per-channel chunk
+# _GROUP_ELEMS real values per temporary (4 MB float32 on CPU: cache-friendly batches, and
+# a handful of such temporaries stay small next to any input worth chunking; larger on CUDA,
+# where fewer, bigger launches are what counts). The per-channel chunk
 # operators (a few T x m complex matrices) are built for as many channels at once as fit
 # in _VANDER_ELEMS, so a wide layer (H = 768) never holds H*m*T values.
-_GROUP_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 24}
+_GROUP_ELEMS = {"cpu": 1 << 20, "cuda": 1 << 24}
 _VANDER_ELEMS = 1 << 20
 
 _REAL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -67,6 +69,10 @@ def _validate(u, dA, dB, C, D, chunk, state):
     if not isinstance(u, torch.Tensor):
         raise TypeError("ssm_conv: u must be a torch.Tensor of shape (B, H, L), got %s"
                         % type(u).__name__)
+    for name, p in (("u", u), ("dA", dA), ("dB", dB), ("C", C), ("D", D), ("state", state)):
+        if isinstance(p, torch.Tensor) and p.layout != torch.strided:
+            raise TypeError("ssm_conv: %s is a %s tensor: ssm_conv needs dense (strided) tensors; "
+                            "pass %s.to_dense()" % (name, str(p.layout).replace("torch.", ""), name))
     if u.ndim != 3:
         raise ValueError("ssm_conv: u must have shape (B, H, L), got shape %s" % (_shape(u),))
     if u.dtype not in _REAL:
@@ -183,12 +189,15 @@ def _scan(z, logA, T, ctype):
     return z
 
 
-def _group_conv(u, dA, dB, C, D, T, s0, want_state, y, h0, cdt, ctype):
-    """State passing for the channels h0:h0+Hg of u; writes y[:, h0:h0+Hg]; returns the final state.
+def _group_conv(u, dA, dB, C, D, s0, T, want_state, cdt, ctype, y=None):
+    """State passing for a group of Hg channels: (y (B, Hg, L), the final state). Writes into
+    y when it is given (else a new tensor).
 
     u (B, Hg, L) any strides, dA/dB/C (Hg, m), D (Hg,) or None, s0 (B, Hg, m) or None.
     """
     B, Hg, L = _shape(u)
+    if y is None:
+        y = torch.empty(B, Hg, L, dtype=u.dtype, device=u.device)
     m = int(dA.shape[1])
     k, w_ux, w_xy, logA = _chunk_operators(dA, dB, C, T, cdt, ctype)
     Df = None if D is None else D.to(cdt)
@@ -224,7 +233,7 @@ def _group_conv(u, dA, dB, C, D, T, s0, want_state, y, h0, cdt, ctype):
         rows = uc.permute(0, 2, 1, 3).reshape(B * g, Hg, T).to(cdt)
         conv = fftconv(rows, k, Df).view(B, g, Hg, T).permute(0, 2, 1, 3)
         corr = torch.einsum("bhgn,htn->bhgt", prev_r[:, :, c0:c1], w_xy)
-        y[:, h0:h0 + Hg, c0 * T:c1 * T] = (conv + corr).reshape(B, Hg, g * T).to(y.dtype)
+        y[:, :, c0 * T:c1 * T] = (conv + corr).reshape(B, Hg, g * T).to(y.dtype)
 
     last = s[:, :, Cf - 1]  # state after the last full chunk, (B, Hg, m)
     if r:
@@ -232,11 +241,11 @@ def _group_conv(u, dA, dB, C, D, T, s0, want_state, y, h0, cdt, ctype):
         # the last r rows of M_ux (dA^(r-1-i) dB) and dA^r.
         ut = u[:, :, Cf * T:].to(cdt)  # (B, Hg, r)
         corr = torch.einsum("bhn,htn->bht", _to_real(last), w_xy[:, :r])
-        y[:, h0:h0 + Hg, Cf * T:] = (fftconv(ut, k, Df) + corr).to(y.dtype)
+        y[:, :, Cf * T:] = (fftconv(ut, k, Df) + corr).to(y.dtype)
         if want_state:
             zt = _to_complex(torch.einsum("bht,htn->bhn", ut, w_ux[:, T - r:])).to(ctype)
             last = torch.exp(logA * float(r)).to(ctype) * last + zt
-    return last
+    return y, last
 
 
 def ssm_conv(u, dA, dB, C, D=None, *, chunk=None, state=None, return_state=False):
@@ -279,7 +288,7 @@ def ssm_conv(u, dA, dB, C, D=None, *, chunk=None, state=None, return_state=False
     cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
     ctype = torch.complex128 if cdt == torch.float64 else torch.complex64
     s0 = None if state is None else state.to(ctype)
-    if L == 0 or B == 0:
+    if L == 0 or B == 0 or H == 0:
         y = torch.zeros(B, H, L, dtype=u.dtype, device=u.device)
         if return_state:
             # No steps taken: the state comes back unchanged.
@@ -288,12 +297,28 @@ def ssm_conv(u, dA, dB, C, D=None, *, chunk=None, state=None, return_state=False
         return y
     y = torch.empty(B, H, L, dtype=u.dtype, device=u.device)
     Hg = _even_split(H, _VANDER_ELEMS // (m * (T + 1)))  # channels per Vandermonde build
+    # Under autograd every group is checkpointed: its forward keeps nothing for the backward
+    # (which runs it again, one group at a time), so memory beyond input and output stays a
+    # few group-sized temporaries instead of copies of u for the saved chunk batches.
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, dA, dB, C, D, state))
+    if grad:  # each group's output is a temporary there: at most a quarter of y
+        Hg = min(Hg, -(-H // 4))
     finals = []
     for h0 in range(0, H, Hg):
         h1 = min(H, h0 + Hg)
-        finals.append(_group_conv(
-            u[:, h0:h1], dA[h0:h1], dB[h0:h1], C[h0:h1], None if D is None else D[h0:h1], T,
-            None if s0 is None else s0[:, h0:h1], return_state, y, h0, cdt, ctype))
+        args = (u[:, h0:h1], dA[h0:h1], dB[h0:h1], C[h0:h1], None if D is None else D[h0:h1],
+                None if s0 is None else s0[:, h0:h1], T, return_state, cdt, ctype)
+        if grad:
+            from torch.utils.checkpoint import checkpoint
+
+            yg, last = checkpoint(_group_conv, *args, use_reentrant=False)
+            y[:, h0:h1] = yg
+            del yg
+        else:
+            _, last = _group_conv(*args, y=y[:, h0:h1])
+        finals.append(last)
+        _memory.release(not u.is_cuda)  # the group's temporaries (flashconv/_memory.py)
     if return_state:
         return y, torch.cat(finals, dim=1)
     return y

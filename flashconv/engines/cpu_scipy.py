@@ -24,11 +24,12 @@ def check(p):
 
 
 def _spectrum(p, a, dtype):
-    """(K, n, lk, lk_rev): the spectrum operand as it is, or the rfft of the taps."""
+    """(K, n, lk, lk_rev): the spectrum operand as it is, or the taps (transformed by _cpu a
+    group of channels at a time)."""
     if a.k.dtype.kind == "c":
         return a.k, a.n, 0, 0
     n = _cpu.fft_size(p.L, max(p.lk, p.lk_rev))
-    return _cpu.kernel_spectrum(a.k, p.L, n, dtype, a.k_rev), n, p.lk, p.lk_rev
+    return _cpu.Taps(a.k, a.k_rev), n, p.lk, p.lk_rev
 
 
 def _dtype(p):
@@ -36,13 +37,23 @@ def _dtype(p):
 
 
 def forward(p, a):
+    with np.errstate(over="ignore", invalid="ignore"):  # casts of values beyond the range
+        return _forward(p, a)
+
+
+def backward(p, a, dy, mask):
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _backward(p, a, dy, mask)
+
+
+def _forward(p, a):
     dtype = _dtype(p)
     K, n, _, _ = _spectrum(p, a, dtype)
     y = _cpu.conv_forward(a.u, K, n, a.D, a.g_in, a.g_out, dtype)
     return y.astype(a.u.dtype, copy=False)
 
 
-def backward(p, a, dy, mask):
+def _backward(p, a, dy, mask):
     dtype = _dtype(p)
     K, n, lk, lkr = _spectrum(p, a, dtype)
     need_u, need_k, need_D, need_gi, need_go, need_kr = mask

@@ -47,14 +47,34 @@ def _cdt(p):
     return torch.float64 if p.compute_dtype == "float64" else torch.float32
 
 
+def _kernel(p, t):
+    """(K, n, lk, lk_rev) for _cpu_torch: Taps of a time-domain k (transformed there, a group of
+    channels at a time) or the natural spectrum of a precomputed one."""
+    from flashconv import _cpu, _cpu_torch
+    from flashconv.spectrum import natural_spectrum
+
+    if t.k.is_complex():
+        cdt = _cdt(p)
+        ctype = torch_complex(cdt)
+        return natural_spectrum(t.k.detach(), t.k_exponent, t.n).to(ctype).resolve_conj(), t.n, 0, 0
+    n = _cpu.fft_size(p.L, max(p.lk, p.lk_rev))
+    kr = None if t.k_rev is None else t.k_rev.detach()
+    return _cpu_torch.Taps(t.k.detach(), kr), n, p.lk, p.lk_rev
+
+
+def torch_complex(cdt):
+    import torch
+
+    return torch.complex128 if cdt == torch.float64 else torch.complex64
+
+
 def forward(p, a):
     from flashconv import _cpu_torch
-    from flashconv.spectrum import cpu_rfft_spectrum
 
     t = _views(a) if p.kind == "numpy" else a
-    K, n, _, _ = cpu_rfft_spectrum(t.k, t.k_exponent, t.n, p.L, _cdt(p), t.k_rev)
+    K, n, _, _ = _kernel(p, t)
     u, D, g_in, g_out = (None if x is None else x.detach() for x in (t.u, t.D, t.g_in, t.g_out))
-    y = _cpu_torch.conv_forward(u, K, n, D, g_in, g_out)
+    y = _cpu_torch.conv_forward(u, K, n, D, g_in, g_out, cdt=_cdt(p))
     return y.numpy() if p.kind == "numpy" else y
 
 
@@ -63,19 +83,19 @@ def backward(p, a, dy, mask):
 
     from flashconv import _cpu_torch
     from flashconv.grads import kernel_grad
-    from flashconv.spectrum import cpu_rfft_spectrum
 
     if p.kind == "numpy":
         a, dy = _views(a), torch.from_numpy(dy)
     need_u, need_k, need_D, need_gi, need_go, need_kr = mask
     # K is recomputed from k (H FFTs, against the B*H of the backward itself) rather than
     # saved by the forward: the operator's only output is y.
-    K, n, lk, lkr = cpu_rfft_spectrum(a.k, a.k_exponent, a.n, p.L, _cdt(p), a.k_rev)
+    K, n, lk, lkr = _kernel(p, a)
     dy, u, D, g_in, g_out = (None if x is None else x.detach()
                              for x in (dy, a.u, a.D, a.g_in, a.g_out))
     du, dk, dD, dgi, dgo, dkr = _cpu_torch.conv_backward(
         dy, u, K, n, lk, D, g_in, g_out, need_u=need_u, need_k=need_k, need_D=need_D,
-        need_gin=need_gi, need_gout=need_go, lk_rev=lkr if need_kr else 0)
+        need_gin=need_gi, need_gout=need_go, lk_rev=lkr if need_kr else 0, cdt=_cdt(p),
+        kdtypes=(a.k.dtype, None if a.k_rev is None else a.k_rev.dtype))
     dk = kernel_grad(a.k, lk, dk) if need_k else None
     dkr = kernel_grad(a.k_rev, lkr, dkr) if need_kr else None
     dD = dD.to(D.dtype) if need_D else None
