@@ -28,6 +28,12 @@ __all__ = ["S4D", "H3", "H3State"]
 def _check_input(u, d_model, ndim=3):
     if not isinstance(u, torch.Tensor):
         raise TypeError(f"u must be a torch.Tensor, got {type(u).__name__}")
+    if u.layout != torch.strided:
+        raise TypeError(f"u is a {str(u.layout).replace('torch.', '')} tensor: pass a dense "
+                        f"(strided) tensor (u.to_dense())")
+    if not u.is_floating_point():
+        raise TypeError(f"u must be a floating tensor (float32, float16, bfloat16 or float64), "
+                        f"got {u.dtype}")
     shape = "(B, L, d_model)" if ndim == 3 else "(B, d_model)"
     if u.dim() != ndim or u.shape[-1] != d_model:
         raise ValueError(f"u must have shape {shape} with d_model={d_model}, "

@@ -21,12 +21,14 @@ dispatch would do. torch is optional: numpy users never import it.
 """
 import contextlib
 import numbers
+import os
 import sys
+import warnings
 
 import numpy as np
 
 from flashconv import _cpu, dispatch
-from flashconv.problem import Operands, from_arrays
+from flashconv.problem import Operands, _dtype_name, from_arrays
 from flashconv.plan import fused_fft_size
 from flashconv.spectrum import KernelSpectrum
 
@@ -74,7 +76,20 @@ def _type_name(x):
     return type(x).__module__ + "." + type(x).__qualname__
 
 
+def _check_dense(name, x, kind, who):
+    """Masked arrays and sparse tensors are refused: fftconv would ignore the mask, and a
+    sparse tensor has no strided storage to read."""
+    if kind == "numpy" and isinstance(x, np.ma.MaskedArray):
+        raise TypeError("%s: %s is a numpy.ma.MaskedArray: fftconv does not apply masks (the "
+                        "mask would be ignored); pass %s.filled(0) (masked values as zeros) or "
+                        "np.asarray(%s)" % (who, name, name, name))
+    if kind == "torch" and x.layout != torch.strided:
+        raise TypeError("%s: %s is a %s tensor: fftconv needs a dense (strided) tensor; pass "
+                        "%s.to_dense()" % (who, name, str(x.layout).replace("torch.", ""), name))
+
+
 def _check_dtype(name, x, kind, who="fftconv"):
+    _check_dense(name, x, kind, who)
     if kind == "torch":
         if x.dtype not in _TORCH_FLOATS:
             raise TypeError("%s: %s must be a real floating tensor (float32, float16, bfloat16 "
@@ -89,7 +104,8 @@ def _shape(x):
 
 
 def _compute_dtype_name(u):
-    return "float64" if str(u.dtype).endswith("float64") else "float32"
+    """float64 for float64 u (any byte order: numpy's '>f8' too), else float32."""
+    return "float64" if _dtype_name(u.dtype) == "float64" else "float32"
 
 
 def fft_kernel(k, L, *, dtype=None, k_rev=None):
@@ -98,11 +114,23 @@ def fft_kernel(k, L, *, dtype=None, k_rev=None):
     k_rev: the anti-causal kernel of a bidirectional convolution (same array type and
     device as k), folded into the spectrum: pass the result without k_rev to fftconv.
 
+    dtype: the compute dtype, float32 or float64 (a numpy or torch dtype, or its name);
+    default float64 for a float64 k, else float32.
+
     The result can be passed to fftconv() in place of k; it is valid only for inputs of
-    length L on the same device and with the same compute dtype (float32, or float64
-    when `dtype` is float64 / k is float64 and dtype is None). A DLPack array (CuPy, ...)
+    length L on the same device and with the same compute dtype. A DLPack array (CuPy, ...)
     k gives a torch-kind spectrum, computed on the caller's current stream, that fftconv
-    accepts with u of the same array type.
+    accepts with u of the same array type. No gradient flows into a precomputed spectrum: a
+    k that requires grad is detached (flashconv warns once); pass k itself to fftconv to
+    train it.
+
+    Raises:
+        TypeError: k (or k_rev) not a real floating array, a masked array or sparse tensor;
+            dtype not float32 / float64.
+        ValueError: k not (H, Lk); L not a non-negative int; the spectrum of a finite k
+            overflows the compute dtype; L so large that the spectrum alone would exceed this
+            machine's memory.
+        MemoryError: the spectrum could not be allocated (the message names L).
     """
     if _is_dlpack(k):
         with _caller_stream(k):
@@ -110,40 +138,138 @@ def fft_kernel(k, L, *, dtype=None, k_rev=None):
                               k_rev=_to_torch("fft_kernel", "k_rev", k_rev, k))
     kind = _kind(k)
     if kind is None:
-        raise TypeError("fft_kernel: k must be a torch.Tensor or numpy.ndarray, got %s" % _type_name(k))
+        raise TypeError("fft_kernel: k must be a torch.Tensor or numpy.ndarray of shape (H, Lk), "
+                        "got %s" % _type_name(k))
+    _check_dense("k", k, kind, "fft_kernel")
     if k.ndim != 2:
         raise ValueError("fft_kernel: k must have shape (H, Lk), got %s" % (_shape(k),))
-    _check_dtype("k", k, kind)
+    _check_dtype("k", k, kind, "fft_kernel")
     if k_rev is not None:
         _check_kernel("k_rev", k_rev, kind, int(k.shape[0]), "fft_kernel")
         if kind == "torch" and k_rev.device != k.device:
             raise ValueError("fft_kernel: k_rev is on %s but k is on %s" % (k_rev.device, k.device))
-    if not isinstance(L, numbers.Integral) or L < 0:
-        raise ValueError("fft_kernel: L must be a non-negative integer, got %r" % (L,))
+    if isinstance(L, bool) or not isinstance(L, numbers.Integral) or L < 0:
+        raise ValueError("fft_kernel: L must be a non-negative int (the input length), got %r"
+                         % (L,))
     L = int(L)
-    dname = str(dtype).replace("torch.", "") if dtype is not None else _compute_dtype_name(k)
+    dname = _compute_dtype_name(k) if dtype is None else _dtype_name(dtype)
     if dname not in ("float32", "float64"):
-        raise TypeError("fft_kernel: dtype must be float32 or float64, got %s" % dtype)
+        raise TypeError("fft_kernel: dtype must be float32 or float64 (a numpy or torch dtype, "
+                        "or its name), got %r" % (dtype,))
+    if kind == "torch":
+        _warn_detached(k, k_rev)
+    H = int(k.shape[0])
     lk = min(int(k.shape[1]), L)
     lkr = 0 if k_rev is None else min(int(k_rev.shape[1]), L)
+    cuda = kind == "torch" and k.is_cuda
+    n = (fused_fft_size(L) if dname == "float32" else None) if cuda else None
+    if n is None:
+        from flashconv.spectrum import cuda_fft_size
+
+        n = (cuda_fft_size if cuda else _cpu.fft_size)(L, max(lk, lkr))
+    _check_size(H, L, n, dname)
+    try:
+        spec = _spectrum(k, k_rev, kind, cuda, H, L, lk, n, dname)
+    except MemoryError as exc:
+        raise MemoryError("fft_kernel: L = %d needs an FFT of %d points per channel: the "
+                          "spectrum of H = %d channels could not be allocated (%s)"
+                          % (L, n, H, exc)) from None
+    return spec
+
+
+def _physical_memory():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+_PHYSICAL_MEMORY = _physical_memory()  # bytes (0: unknown); read once (torch.compile traces
+                                       # fft_kernel, and cannot trace os.sysconf)
+
+
+def _check_size(H, L, n, dname):
+    """ValueError naming L when the spectrum alone would exceed this machine's memory."""
+    need = H * (n // 2 + 1) * (16 if dname == "float64" else 8)
+    have = _PHYSICAL_MEMORY
+    if need > have > 0:
+        raise ValueError("fft_kernel: L = %d is too large: its FFT of %d points per channel makes "
+                         "the spectrum of H = %d channels %.3g GB, more than this machine's %.3g GB "
+                         "of memory" % (L, n, H, need / 1e9, have / 1e9))
+
+
+_detach_warned = []
+
+
+def _warn_detached(k, k_rev):
+    """Warn once per process that fft_kernel detaches a k that requires grad."""
+    if _detach_warned or not (k.requires_grad or (k_rev is not None and k_rev.requires_grad)):
+        return
+    if torch.compiler.is_compiling():
+        return
+    _detach_warned.append(True)
+    warnings.warn("fft_kernel: %s requires grad, but a precomputed spectrum carries no gradient: "
+                  "it is detached, and training will not update it through this KernelSpectrum. "
+                  "Pass the kernel itself to fftconv to train it (this warning is shown once)."
+                  % ("k" if k.requires_grad else "k_rev"), UserWarning, stacklevel=3)
+
+
+def _spectrum(k, k_rev, kind, cuda, H, L, lk, n, dname):
+    """The KernelSpectrum of fft_kernel's validated arguments."""
     from flashconv import spectrum as sp
 
-    if kind == "torch" and k.is_cuda:
+    if cuda:
         if dname == "float32":
             # The fused kernel's Monarch order, transformed in float64 (it is computed once
             # and serves every io dtype), on the device: no host synchronisation.
-            n = fused_fft_size(L)
             spec, exp = sp.monarch_spectrum(k, lk, n, None if k_rev is None else k_rev[:, :L],
                                             precision=torch.float64)
             return KernelSpectrum(spec, L, lk, n, dname, kind, str(k.device), "monarch", exp)
         spec, n, _, _ = sp.torch_rfft_spectrum(k.detach(), None, 0, L, torch.float64, k_rev)
         return KernelSpectrum(spec, L, lk, n, dname, kind, str(k.device))
+    if H == 0:  # nothing to transform (MKL refuses an empty batch)
+        if kind == "torch":
+            ctype = torch.complex128 if dname == "float64" else torch.complex64
+            spec = torch.zeros((0, n // 2 + 1), dtype=ctype)
+        else:
+            spec = np.zeros((0, n // 2 + 1), np.complex128 if dname == "float64" else np.complex64)
+        return KernelSpectrum(spec, L, lk, n, dname, kind, "cpu")
     if kind == "torch":
-        spec, n, _, _ = sp.cpu_rfft_spectrum(k, None, 0, L, getattr(torch, dname), k_rev)
+        cdt = getattr(torch, dname)
+        kd = k.detach()
+        krd = None if k_rev is None else k_rev.detach()
+        if torch.compiler.is_compiling():
+            # Traced (fullgraph): the scaled transform without host synchronisation.
+            spec = sp.scaled_rfft_spectrum(kd, krd, L, n, cdt, unscale=True)[0]
+        else:
+            try:
+                spec = sp.cpu_rfft_spectrum(kd, None, 0, L, cdt, krd)[0]
+            except RuntimeError as exc:
+                if "alloc" not in str(exc):
+                    raise
+                raise MemoryError(str(exc)) from None
+            _check_finite(spec, k, k_rev, dname)
     else:
-        n = _cpu.fft_size(L, max(lk, lkr))
-        spec = _cpu.kernel_spectrum(k, L, n, np.dtype(dname), k_rev)
+        with np.errstate(over="ignore", invalid="ignore"):
+            spec = _cpu.kernel_spectrum(k, L, n, np.dtype(dname), k_rev)
+        _check_finite(spec, k, k_rev, dname)
     return KernelSpectrum(spec, L, lk, n, dname, kind, "cpu")
+
+
+def _check_finite(spec, k, k_rev, dname):
+    """ValueError when the spectrum of a finite k overflowed the compute dtype."""
+    if _kind(spec) == "torch":
+        finite = bool(torch.isfinite(spec).all())
+        k_finite = bool(torch.isfinite(k).all()) and (k_rev is None or
+                                                      bool(torch.isfinite(k_rev).all()))
+    else:
+        finite = bool(np.isfinite(spec).all())
+        k_finite = bool(np.isfinite(k).all()) and (k_rev is None or
+                                                   bool(np.isfinite(k_rev).all()))
+    if k_finite and not finite:
+        raise ValueError("fft_kernel: the spectrum of k overflows %s (its taps sum beyond the "
+                         "dtype's range); pass k itself to fftconv, which scales each channel "
+                         "around its transforms, or use dtype=float64" % dname)
 
 
 def _check_kernel(name, k, kind, H, who):

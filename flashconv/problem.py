@@ -17,7 +17,17 @@ KERNEL_DTYPES = ("float32", "float16", "bfloat16")  # the CUDA kernels' io dtype
 
 
 def _dtype_name(dtype):
-    return str(dtype).replace("torch.", "")
+    """'float32', 'bfloat16', ...: a torch dtype's name, or a numpy dtype's by kind and item
+    size whatever its byte order (numpy's '>f8' is 'float64')."""
+    s = str(dtype)
+    if s.startswith("torch."):
+        return s[len("torch."):]
+    try:
+        import numpy as np
+
+        return np.dtype(dtype).name
+    except TypeError:  # not a numpy dtype ("bfloat16", an alias)
+        return s
 
 
 @dataclass(frozen=True)
