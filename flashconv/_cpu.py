@@ -258,16 +258,28 @@ def _workers(items, total_elems):
     return 1 if (nt < 2 or total_elems < _PARALLEL_MIN_ELEMS) else nt
 
 
-def _run(items, fn, total_elems, workers=None):
-    """fn(item, w) for every item, item i on worker w = i % nt (the calling thread is worker
-    0), each worker taking its items in order: which worker computes what is fixed by the
-    item list and the thread count, so per-worker partial sums added in worker order give the
-    same bits on every run. Returns nt."""
+def _run(items, fn, total_elems, workers=None, static=False):
+    """fn(item, w) for every item on nt workers (the calling thread is worker 0, the others
+    pool threads). static=False: each worker takes the next item as it becomes free (work
+    whose items write disjoint outputs: the assignment does not change a bit of them).
+    static=True: item i runs on worker w = i % nt, each worker taking its items in order:
+    which worker computes what is fixed by the item list and the thread count, so per-worker
+    partial sums added in worker order give the same bits on every run (a busy core then slows
+    its share down rather than handing it on). Returns nt."""
     nt = _workers(items, total_elems) if workers is None else workers
+    todo, lock = iter(items), threading.Lock()
 
     def drain(w):
         with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-            for it in items[w::nt]:
+            if static:
+                for it in items[w::nt]:
+                    fn(it, w)
+                return
+            while True:
+                with lock:
+                    it = next(todo, None)
+                if it is None:
+                    return
                 fn(it, w)
 
     if nt < 2:
@@ -494,7 +506,7 @@ def conv_backward(dy, u, K, n, lk, D=None, g_in=None, g_out=None, dtype=np.float
             else:
                 du[sl] = dx
 
-        _run(items, work, B * H * L, len(accs))
+        _run(items, work, B * H * L, len(accs), static=True)
         Kg = Kc = None
         if need_k:
             total, ce = NpAccumulator.merge(accs)

@@ -38,6 +38,10 @@ def np_exponents(amax, hi=SAFE_EXP):
     zero or non-finite rows; spectra pass hi=40: their bins are sums of up to n taps); bad
     marks the non-finite rows. Either is None when all-zero /
     all-False (the common case)."""
+    if amax.size:
+        lo, top = float(amax.min()), float(amax.max())  # the common case in one check
+        if lo >= 2.0 ** (-SAFE_EXP - 1) and top < 2.0 ** hi:
+            return None, None
     finite = np.isfinite(amax)
     with np.errstate(invalid="ignore"):
         _, e = np.frexp(np.where(finite, amax, 0))
@@ -47,10 +51,15 @@ def np_exponents(amax, hi=SAFE_EXP):
 
 
 def np_amax(x):
-    """Largest magnitude along the last axis, keepdims (NaN where a NaN is present)."""
+    """Largest magnitude along the last axis, keepdims (NaN where a NaN is present); real x
+    without a temporary of its size (the larger of max and -min)."""
+    if not x.shape[-1]:
+        return np.zeros(x.shape[:-1] + (1,), np.float64)
     with np.errstate(invalid="ignore"):
-        return np.max(np.abs(x), axis=-1, keepdims=True) if x.shape[-1] else \
-            np.zeros(x.shape[:-1] + (1,), np.float64)
+        if np.iscomplexobj(x):
+            return np.max(np.abs(x), axis=-1, keepdims=True)
+        top = np.maximum.reduce(x, axis=-1, keepdims=True)
+        return np.maximum(top, np.negative(np.minimum.reduce(x, axis=-1, keepdims=True)), out=top)
 
 
 def np_scale(x, e):
@@ -67,12 +76,16 @@ def np_scale(x, e):
 # --- torch ------------------------------------------------------------------------------------
 
 def t_amax(x):
-    """Largest magnitude along the last dim, keepdim (NaN where a NaN is present)."""
+    """Largest magnitude along the last dim, keepdim (NaN where a NaN is present). Real x: the
+    larger of amax and -amin (two vectorised passes, no temporary; vector_norm(x, inf)
+    measured 13x slower, abs().amax 2x and a temporary of x's size)."""
     import torch
 
     if x.shape[-1] == 0:
-        return x.new_zeros(x.shape[:-1] + (1,))
-    return torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True)
+        return x.new_zeros(x.shape[:-1] + (1,), dtype=x.real.dtype if x.is_complex() else None)
+    if x.is_complex():
+        return x.abs().amax(-1, keepdim=True)
+    return torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_())
 
 
 def t_exponents(amax, sync=True, hi=SAFE_EXP):
@@ -81,6 +94,11 @@ def t_exponents(amax, sync=True, hi=SAFE_EXP):
     synchronisation, for the torch.fft engine on any device)."""
     import torch
 
+    if sync and amax.numel():
+        # The common case in one check: every row within [2^-17, 2^hi), none NaN or Inf.
+        lo, top = (float(v) for v in torch.aminmax(amax))
+        if lo >= 2.0 ** (-SAFE_EXP - 1) and top < 2.0 ** hi:
+            return None, None
     finite = torch.isfinite(amax)
     _, e = torch.frexp(torch.where(finite, amax, torch.zeros_like(amax)))
     e = torch.where(_needs(e, finite, amax > 0, hi), e, torch.zeros_like(e))

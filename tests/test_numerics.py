@@ -242,8 +242,8 @@ def test_nan_rule_backward(engine, kind):
 # --- 3. bitwise reproducibility ---------------------------------------------------------------
 
 def test_pool_assigns_items_statically(monkeypatch):
-    """Item i runs on worker i % nt whatever the timing: per-worker partial sums added in worker
-    order are the same bits on every run."""
+    """static=True (the backward's dk sums): item i runs on worker i % nt whatever the timing,
+    so per-worker partial sums added in worker order are the same bits on every run."""
     monkeypatch.setenv("FLASHCONV_NUM_THREADS", "3")
     items = list(range(11))
     rng = np.random.default_rng(0)
@@ -257,7 +257,7 @@ def test_pool_assigns_items_statically(monkeypatch):
             with lock:
                 got[item] = (w, threading.get_ident())
 
-        nt = _cpu._run(items, fn, 1 << 30)
+        nt = _cpu._run(items, fn, 1 << 30, static=True)
         assert nt == 3 and {i: w for i, (w, _) in got.items()} == {i: i % 3 for i in items}
         assert len({tid for _, tid in got.values()}) == 3
         seen.append(got)
