@@ -13,10 +13,17 @@ A JSON report (environment, commit, every figure) goes to bench/results/ (or --o
 PNG plot of the same figures next to it (same name, .png): time and speedup against L,
 log-log, per dtype and batch size on GPU. The plot needs matplotlib, the "bench" extra:
 ``pip install -e ".[bench]"`` (or ``--no-plot``). Each configuration prints a progress
-line with the elapsed time and an estimate of the time left.
+line with the elapsed time and an estimate of the time left, from the configurations
+measured so far (after a warm-up call, so the first one is not the libraries loading).
+
+On a shared machine other work changes the CPU timings several-fold: the report records the
+threads used and the load average at the start and end (JSON and the plot's title), and the
+sweep warns when the load exceeds the cores. ``--threads 1`` gives steadier numbers there
+(torch's OpenMP threads spin-wait for each other when a core is taken).
 """
 import argparse
 import datetime
+import math
 import os
 import platform
 import socket
@@ -111,22 +118,39 @@ def time_gpu(fn, reps=20, warmup=3):
 class Progress:
     """Progress lines ``[  i/n] text  (elapsed, ETA)`` for one section of the sweep.
 
-    The ETA extrapolates the mean time per configuration so far: rough, since
-    configurations differ in size, but enough to tell minutes from hours.
+    works: each configuration's amount of work, in order (e.g. B*H*L*log2 L). The ETA
+    predicts every configuration left from those measured: time per unit of work (the median
+    over measured configurations, so one slow outlier does not set it), at least the shortest
+    time a configuration took (the timing loops' minimum duration). The mean time per
+    configuration would not do: sizes differ, and the first one used to carry the libraries'
+    first-call costs (now a warm-up call before the clock starts; bench/sweep.py warmup()).
     """
 
-    def __init__(self, n):
-        self.n, self.i, self.t0 = n, 0, time.perf_counter()
+    def __init__(self, works, clock=time.perf_counter):
+        self.works, self.clock = [float(w) for w in works], clock
+        self.n, self.i, self.t0 = len(self.works), 0, clock()
+        self.last, self.took = self.t0, []
+
+    def eta(self):
+        """Seconds predicted for the configurations not yet measured."""
+        if not self.took:
+            return float("nan")
+        rate = statistics.median(t / w for t, w in zip(self.took, self.works))
+        floor = min(self.took)
+        return sum(max(floor, rate * w) for w in self.works[self.i:])
 
     def __call__(self, text):
+        now = self.clock()
+        self.took.append(now - self.last)
+        self.last = now
         self.i += 1
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / self.i * (self.n - self.i)
-        print("[%3d/%d] %s  (elapsed %s, ETA %s)" % (self.i, self.n, text, _hms(elapsed), _hms(eta)),
-              flush=True)
+        print("[%3d/%d] %s  (elapsed %s, ETA %s)" % (self.i, self.n, text, _hms(now - self.t0),
+                                                     _hms(self.eta())), flush=True)
 
 
 def _hms(seconds):
+    if seconds != seconds:  # NaN: nothing measured yet
+        return "?"
     m, s = divmod(int(round(seconds)), 60)
     return "%dm%02ds" % (m, s) if m else "%ds" % s
 
@@ -138,7 +162,8 @@ def cpu_section(shapes):
     float32 first and back after, inside the timed call, as a user of them would."""
     rows = []
     torch.manual_seed(0)
-    progress = Progress(len(shapes))
+    warmup()
+    progress = Progress(B * H * L * math.log2(max(L, 2)) for B, H, L, _, _ in shapes)
     for B, H, L, dtype, group in shapes:
         tdt = getattr(torch, dtype)
         u = torch.randn(B, H, L).to(tdt)
@@ -184,11 +209,23 @@ def cpu_section(shapes):
         for name, t in fb_t.items():
             r[name + "_fwdbwd_s"], r[name + "_fwdbwd_min_s"] = t["median"], t["min"]
         r["fwdbwd_speedup_vs_torch_ref"] = r["torch_ref_fwdbwd_s"] / r["flashconv_fwdbwd_s"]
+        r["loadavg"] = os.getloadavg()[0]
         rows.append(r)
         progress("cpu B=%d H=%d L=%d %s: flashconv %.2f ms, torch ref %.2f ms, scipy %.2f ms"
                  % (B, H, L, dtype, r["flashconv_s"] * 1e3, r["torch_ref_s"] * 1e3,
                     r["scipy_s"] * 1e3))
     return rows
+
+
+def warmup():
+    """One small call of everything the CPU section times (forward and backward of flashconv,
+    the torch.fft reference, the scipy pipeline): libraries paged in, FFT plans and thread
+    pools made before the first configuration's clock starts."""
+    u, k, D = torch.randn(2, 4, 512), torch.randn(4, 512), torch.randn(4)
+    ug = u.clone().requires_grad_()
+    flashconv.fftconv(ug, k, D).sum().backward()
+    fftconv_ref(u, k, D)
+    scipy_fftconv(u.numpy(), k.numpy(), D.numpy())
 
 
 def print_cpu_table(rows):
@@ -224,7 +261,7 @@ def gpu_section(lengths, batches, H, dtypes):
     print("GPU: %s, measured copy bandwidth %.0f GB/s" % (env["gpu"], env["copy_bandwidth_gbs"]), flush=True)
     rows = []
     configs = [(dt, B, L) for dt in dtypes for B in batches for L in lengths]
-    progress = Progress(len(configs))
+    progress = Progress(B * H * L * math.log2(max(L, 2)) for _, B, L in configs)
     for i, (dt, B, L) in enumerate(configs, 1):
         dtype = getattr(torch, dt)
         gen = torch.Generator(device="cuda").manual_seed(i)
@@ -291,17 +328,43 @@ def _loglog(ax, title, ylabel, logy=True):
     if logy:
         ax.set_yscale("log")
     if ylabel.startswith("speedup"):
-        # Plain "3x" labels; on the minor ticks too when the data span about a decade or
-        # less (a log axis may otherwise show no label at all). Called after plotting.
-        fmt = FuncFormatter(lambda v, _: "%gx" % float("%.2g" % v))
-        ax.yaxis.set_major_formatter(fmt)
+        # Plain "3x" labels at a few round values spread over the axis (speedup_ticks), and
+        # no minor labels: matplotlib's own labels on a log axis either vanish on a narrow
+        # range or, labelling minor ticks, overlapped (0.7x 0.8x 0.9x). Called after plotting.
+        from matplotlib.ticker import FixedLocator
+
         lo, hi = ax.get_ylim()
-        ax.yaxis.set_minor_formatter(fmt if hi / lo < 100 else NullFormatter())
-        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ticks = speedup_ticks(lo, hi)
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: "%gx" % float("%.2g" % v)))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(lo, hi)
     ax.set_xlabel("L")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
+
+
+_ROUND = [0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8]
+
+
+def speedup_ticks(lo, hi, min_ratio=1.3, most=8):
+    """Round speedups within [lo, hi] for a log axis, always 1x when it is in range, the others
+    at least min_ratio apart (no two labels closer than about 1/9 of a decade) and at most
+    `most` of them."""
+    cands = sorted({v * 10.0 ** e for e in range(-3, 4) for v in _ROUND if lo <= v * 10.0 ** e <= hi})
+    if not cands:
+        return [float("%.2g" % ((lo * hi) ** 0.5))]
+    step = max(min_ratio, (hi / lo) ** (1.0 / most))
+    keep = [1.0] if lo <= 1.0 <= hi else [cands[0]]
+    for v in cands:  # upwards from the anchor
+        if v > keep[-1] * step * 0.999:
+            keep.append(v)
+    down = [keep[0]]
+    for v in reversed(cands):  # and downwards
+        if v < down[-1] / step / 0.999:
+            down.append(v)
+    return sorted(set(keep) | set(down))
 
 
 def _series(rows, key):
@@ -371,6 +434,23 @@ def plot_gpu(axes, env, rows):
         ax_row[2].legend(fontsize=8)
 
 
+def machine_line(report):
+    """'2 cores, 2 threads, load 0.4 -> 3.1' (1-minute load average at start -> end)."""
+    la = report.get("loadavg", {})
+    return "%d cores, %d threads, load %.1f -> %.1f" % (
+        report["cpu_threads"], report["threads"]["torch"], la.get("start", [float("nan")])[0],
+        la.get("end", [float("nan")])[0])
+
+
+def load_warning(loadavg, cores, when):
+    """A warning line when the 1-minute load average exceeds the cores, else None."""
+    if loadavg <= cores:
+        return None
+    return ("WARNING: load average %.1f at %s on %d cores: other work is running, and CPU timings "
+            "swing several-fold with it. Rerun on an idle machine, or with --threads 1 "
+            "(steadier on a shared one)." % (loadavg, when, cores))
+
+
 def write_plot(plt, report, path):
     """One figure: the CPU section (one row) and the GPU section (a row per dtype)."""
     sections = []
@@ -389,8 +469,9 @@ def write_plot(plt, report, path):
         else:
             plot_gpu(axes[row:row + n], report["gpu"], report["gpu_rows"])
         row += n
-    fig.suptitle("flashconv sweep %s, commit %s%s" % (report["date"][:10], report["commit"][:12],
-                                                       " (quick)" if report["quick"] else ""), fontsize=11)
+    fig.suptitle("flashconv sweep %s, commit %s%s; %s" % (
+        report["date"][:10], report["commit"][:12], " (quick)" if report["quick"] else "",
+        machine_line(report)), fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (4.2 * n_rows)))  # room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -404,7 +485,15 @@ def main(argv=None):
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU section")
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU section")
     ap.add_argument("--no-plot", action="store_true", help="write the JSON only (no matplotlib needed)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch and flashconv's CPU engine (default: all cores); "
+                         "1 gives steadier numbers on a machine shared with other jobs")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+        os.environ["FLASHCONV_NUM_THREADS"] = str(args.threads)  # read by the CPU engine per call
     plt = None if args.no_plot else require_matplotlib()
 
     gpu = torch.cuda.is_available() and not args.no_gpu
@@ -419,7 +508,18 @@ def main(argv=None):
                      "torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__},
         "quick": args.quick,
         "engines": flashconv.info()["engines"],
+        "threads": {"requested": args.threads, "torch": torch.get_num_threads(),
+                    "flashconv_cpu": flashconv._cpu.num_threads()},
+        "loadavg": {"start": list(os.getloadavg())},
+        "warnings": [],
     }
+    print("%d cores, %d threads (torch), load average %s" % (
+        report["cpu_threads"], report["threads"]["torch"],
+        " ".join("%.1f" % x for x in report["loadavg"]["start"])), flush=True)
+    warn = load_warning(report["loadavg"]["start"][0], report["cpu_threads"], "the start")
+    if warn:
+        report["warnings"].append(warn)
+        print(warn, flush=True)
     if not torch.cuda.is_available():
         print("No GPU found (torch.cuda.is_available() is False): timing the CPU paths only.")
     if not args.no_cpu:
@@ -431,6 +531,11 @@ def main(argv=None):
         report["gpu"], report["gpu_rows"] = env, rows
         print_gpu_table(env, rows)
 
+    report["loadavg"]["end"] = list(os.getloadavg())
+    warn = load_warning(report["loadavg"]["end"][0], report["cpu_threads"], "the end")
+    if warn:
+        report["warnings"].append(warn)
+        print(warn, flush=True)
     path = report_path(args.out, "sweep", report.get("gpu", {}).get("gpu", "cpu"),
                        report["commit"][:10], args.quick)
     if plt is not None:

@@ -21,12 +21,17 @@ def flashconv_engine_names():
 
 @pytest.fixture(scope="module")
 def quick_sweep(tmp_path_factory):
-    """One quick CPU sweep shared by the tests below (without a plot if matplotlib is absent)."""
+    """One quick CPU sweep shared by the tests below (without a plot if matplotlib is absent),
+    with --threads 1 and a machine that looks busy: os.getloadavg() answers 99.0 at the start
+    and 98.0 at the end."""
     out_dir = tmp_path_factory.mktemp("sweep")
-    cmd = [sys.executable, str(SWEEP), "--quick", "--no-gpu", "--out", str(out_dir)]
+    argv = [str(SWEEP), "--quick", "--no-gpu", "--threads", "1", "--out", str(out_dir)]
     if not HAVE_MPL:
-        cmd.append("--no-plot")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        argv.append("--no-plot")
+    code = ("import itertools, os, runpy, sys; loads = itertools.chain([99.0], itertools.repeat(98.0)); "
+            "os.getloadavg = lambda: (next(loads), 1.0, 1.0); sys.argv = %r; "
+            "runpy.run_path(%r, run_name='__main__')" % (argv, str(SWEEP)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     print(out.stdout[-3000:], out.stderr[-3000:])
     assert out.returncode == 0
     return out, out_dir
@@ -49,6 +54,67 @@ def test_sweep_quick_writes_report(quick_sweep):
     progress = [line for line in out.stdout.splitlines() if line.startswith("[")]
     assert len(progress) == len(rep["cpu_rows"])
     assert all("elapsed" in line and "ETA" in line for line in progress)
+
+
+def test_sweep_records_threads_and_load_and_warns(quick_sweep):
+    out, out_dir = quick_sweep
+    (path,) = out_dir.glob("sweep_*.json")
+    rep = json.loads(path.read_text())
+    assert rep["threads"] == {"requested": 1, "torch": 1, "flashconv_cpu": 1}
+    assert rep["loadavg"]["start"][0] == 99.0 and rep["loadavg"]["end"][0] == 98.0
+    assert all(r["loadavg"] == 98.0 for r in rep["cpu_rows"])
+    assert len(rep["warnings"]) == 2 and "load average 99.0 at the start" in rep["warnings"][0]
+    assert out.stdout.count("WARNING: load average") == 2 and "--threads 1" in rep["warnings"][1]
+    sweep = _sweep_module()
+    assert sweep.machine_line(rep) == "%d cores, 1 threads, load 99.0 -> 98.0" % rep["cpu_threads"]
+
+
+def _sweep_module():
+    spec = importlib.util.spec_from_file_location("_sweep_under_test", SWEEP)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_load_warning_only_beyond_the_cores():
+    sweep = _sweep_module()
+    assert sweep.load_warning(1.9, 2, "the start") is None
+    assert sweep.load_warning(2.0, 2, "the start") is None
+    assert "load average 2.5 at the end on 2 cores" in sweep.load_warning(2.5, 2, "the end")
+
+
+def test_eta_from_measured_configurations():
+    """The ETA predicts what is left from the time per unit of work measured so far, robust to
+    one slow configuration (the old estimate, mean time per configuration, said 4m40s for a
+    run that took 1m29s)."""
+    sweep = _sweep_module()
+    now = [0.0]
+    p = sweep.Progress([1, 1, 1, 10, 10], clock=lambda: now[0])
+    assert p.eta() != p.eta()  # nothing measured: unknown
+    now[0] = 6.0
+    p("first")   # slow: 6 s for 1 unit
+    now[0] = 7.0
+    p("second")  # 1 s
+    now[0] = 8.0
+    p("third")   # 1 s: median rate 1 s per unit
+    assert p.eta() == pytest.approx(20.0)
+    q = sweep.Progress([4, 1, 1], clock=lambda: now[0])
+    now[0] += 4.0
+    q("big")  # 1 s per unit; the small ones left take at least the shortest time measured
+    assert q.eta() == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("lo,hi", [(0.7, 3.2), (0.95, 1.1), (0.3, 40.0), (1.0, 1.02),
+                                   (1.05, 2.4), (0.01, 900.0), (2.2, 2.3)])
+def test_speedup_ticks_do_not_crowd(lo, hi):
+    """The speedup panel's labels: round values inside the axis, 1x when it is in range, no
+    two closer than a factor 1.3 (0.7x 0.8x 0.9x overlapped before), at most 9."""
+    ticks = _sweep_module().speedup_ticks(lo, hi)
+    assert 1 <= len(ticks) <= 9 and ticks == sorted(set(ticks))
+    assert all(lo <= t <= hi for t in ticks) or len(ticks) == 1
+    assert all(b / a >= 1.3 * 0.999 for a, b in zip(ticks, ticks[1:]))
+    if lo <= 1 <= hi:
+        assert 1.0 in ticks
 
 
 @pytest.mark.skipif(not HAVE_MPL, reason="matplotlib is not installed (pip install -e \".[bench]\"): "
