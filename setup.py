@@ -11,6 +11,9 @@ FLASHCONV_CUDA_HOME      root of the CUDA toolkit to build with (its bin/nvcc, h
                          static runtime), e.g. /usr/local/cuda-12.4: a CUDA 12 build runs on
                          R525+ drivers, the default CUDA 13 build needs R580+. Default: nvcc
                          from CUDACXX, PATH, CUDA_HOME or /usr/local/cuda.
+FLASHCONV_REBUILD        "1": compile every CUDA object again even if the sources and flags
+                         are those of the last build (which is otherwise reused, with its
+                         ptxas report: see _build_stamp).
 CMAKE_BUILD_PARALLEL_LEVEL  parallel compile jobs (CMake's own variable).
 
 The build log's ``ptxas -v`` lines (registers, spills, shared memory per kernel and
@@ -54,6 +57,36 @@ def _version():
     ns = {}
     exec((ROOT / "flashconv" / "_version.py").read_text(), ns)
     return ns["__version__"]
+
+
+def _build_stamp(root, cfg, toolkit):
+    """sha256 of what the CUDA build depends on: every file under cuda/ and CMakeLists.txt, the
+    CMake configure flags (less pybind11's path: pip's isolated environment moves it on every
+    install) and the toolkit's release. The same stamp as the last successful build means its
+    objects and its ptxas report (every kernel) are still exact."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(root)
+    files = sorted(p for p in (root / "cuda").rglob("*") if p.is_file())
+    for p in files + [root / "CMakeLists.txt"]:
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        h.update(p.read_bytes() if p.exists() else b"")
+    for flag in cfg[1:]:
+        if not flag.startswith("-Dpybind11_DIR="):
+            h.update(flag.encode() + b"\0")
+    h.update(str(toolkit).encode())
+    return h.hexdigest()
+
+
+def _reusable(previous, stamp, extension):
+    """The last build's ptxas report if it has this stamp, covers kernels and its extension
+    file is in place (and FLASHCONV_REBUILD is not set); else None."""
+    if _env_flag("FLASHCONV_REBUILD") or not previous.get("built"):
+        return None
+    if previous.get("stamp") != stamp or not previous.get("kernels"):
+        return None
+    return previous["kernels"] if Path(extension).is_file() else None
 
 
 def _nvcc_release(nvcc):
@@ -134,12 +167,31 @@ class CMakeBuild(build_ext):
             cfg.append("-DCUDAToolkit_ROOT=" + cuda_home)
         if shutil.which("ninja"):
             cfg.append("-GNinja")
+        stamp = _build_stamp(ROOT, cfg, toolkit)
+        try:
+            previous = json.loads(BUILD_INFO.read_text())
+        except (OSError, ValueError):
+            previous = {}
+        kept = _reusable(previous, stamp, self.get_ext_fullpath(ext.name))
         log = self._run(cfg)
-        # Rebuild every CUDA object so the ptxas report always covers every kernel.
-        log += self._run([cmake, "--build", str(build_dir), "--clean-first"])
-        kernels = parse_ptxas(log)
+        if kept is not None:
+            # Same sources, flags and toolkit as the last build: an incremental build (nothing
+            # to do) and its ptxas report, which covers every kernel.
+            print("flashconv: CUDA sources and flags unchanged since the last build: reusing it "
+                  "and its ptxas report (FLASHCONV_REBUILD=1 compiles everything again)",
+                  flush=True)
+            log = self._run([cmake, "--build", str(build_dir)])
+            fresh = {(k["name"], k["arch"]): k for k in parse_ptxas(log)}
+            kernels = [fresh.pop((k["name"], k["arch"]), k) for k in kept] + list(fresh.values())
+        else:
+            print("flashconv: compiling the CUDA extension with %s (CUDA %s, archs %s): this takes "
+                  "a few minutes; FLASHCONV_NO_CUDA=1 skips it on a machine without a GPU"
+                  % (nvcc, toolkit, archs), flush=True)
+            # Every CUDA object compiled again, so the ptxas report covers every kernel.
+            log += self._run([cmake, "--build", str(build_dir), "--clean-first"])
+            kernels = parse_ptxas(log)
         return {"cuda_archs": archs, "nvcc": nvcc, "cuda_toolkit": toolkit, "kernels": kernels,
-                "python": sysconfig.get_python_version()}
+                "python": sysconfig.get_python_version(), "stamp": stamp}
 
     def _run(self, cmd):
         print("flashconv:", " ".join(cmd), flush=True)
