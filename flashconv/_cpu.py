@@ -209,12 +209,18 @@ def plan(B, H, budget, per_row, per_channel, rows, single=0):
     spectrum, accumulators), `single` more when only one row is in flight (a single long
     transform's own workspace). All channels at once with `rows` rows in flight (the
     speed-chosen number) when that fits; else as many rows in flight as fit with one channel
-    each (at least 1), and the channels one chunk of them spans as the group: every channel's
-    spectrum is computed once either way, so a larger group would only hold more memory."""
+    each (at least 2 where there are two), and the channels one chunk of them spans as the
+    group: every channel's spectrum is computed once either way, so a larger group would only
+    hold more memory."""
     rows = max(1, int(rows))
     if H * per_channel + rows * per_row <= budget:
         return rows, H
     r = max(1, min(rows, B * H, budget // (per_row + per_channel)))
+    # Never a single row where two exist: MKL transforms one long row about 3x slower per row
+    # than two (2M points on 2 threads: 64 against 21 ms per row), and then needs about two
+    # rows' worth of workspace of its own. Half-precision u with fewer than ~10 rows of
+    # 1M points goes over the budget by that (docs/cpu-engines.md, "Memory").
+    r = max(r, min(2, B * H, rows))
     return int(r), int(min(H, -(-r // B) if B else 1))
 
 

@@ -21,8 +21,9 @@ running the pipeline on torch tensors needs no numpy round trip. What it does, a
 - memory: beyond its inputs and outputs a call holds at most about _FWD_BUDGET (forward) or
   _BWD_BUDGET (backward) times u's size (FLASHCONV_CPU_MEMORY sets the forward factor), or
   _MIN_BUDGET bytes for small calls: spectra of a group of channels, the rows in flight and
-  their transforms (plan()). Long rows that do not fit two at a time go one at a time: MKL
-  transforms a single long row about half as fast per row as two;
+  their transforms (plan()). At least two rows are in flight where two exist: MKL transforms a
+  single long row about 3x slower per row than two (half-precision u with fewer than ~10 rows
+  of 1M points goes over the budget by that);
 - each row is scaled by a power of two around its FFT (flashconv/_scaling.py), so
   intermediates never overflow or underflow; a row holding a NaN or an Inf gives a NaN row;
 - everything is computed in a fixed order on the calling thread: the same input and thread

@@ -373,6 +373,14 @@ def fftconv(u, k, D=None, *, g_in=None, g_out=None, k_rev=None):
         float32, float64 in float64. Torch tensors are differentiable with respect to u, k,
         D, the gates and k_rev (not through a precomputed KernelSpectrum).
 
+    Numerics (CPU engines and the torch.fft fallback; docs/cpu-engines.md): rows and kernel
+    channels are scaled by powers of two around the FFTs, so a finite exact result within
+    about a quarter of the dtype's largest value stays finite and accurate. NaN and Inf: a
+    NaN or Inf anywhere in a row of x = g_in * u makes that whole row of y NaN (every t, also
+    before it), a non-finite tap of k[h] or k_rev[h] every row of channel h; D and the gates
+    act elementwise; gradients follow the same rule (dk, dk_rev and dD per channel); no
+    warnings. The same input and thread count give the same bits.
+
     Dispatch: the call becomes one flashconv.problem.Problem and the first engine of
     flashconv.engines.TABLE whose check says yes serves it (``flashconv.explain`` says which
     and why the ones before it do not; ``flashconv.use_engines`` restricts the choice).

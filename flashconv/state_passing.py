@@ -1,6 +1,6 @@
 """State passing: a diagonal SSM convolution of any length with no FFT longer than 2T.
 
-DESIGN.md section 4, for the S4D convention of flashconv/ssm.py (N/2 complex modes per
+docs/state-passing.md, for the S4D convention of flashconv/ssm.py (N/2 complex modes per
 channel, the other N/2 their conjugates, hence the factor 2 and the real part)::
 
     s_t = dA * s_{t-1} + dB * u_t                      s: (B, H, N/2) complex
@@ -54,7 +54,7 @@ DEFAULT_CHUNK = 2048
 # operators (a few T x m complex matrices) are built for as many channels at once as fit
 # in _VANDER_ELEMS, so a wide layer (H = 768) never holds H*m*T values.
 _GROUP_ELEMS = {"cpu": 1 << 20, "cuda": 1 << 24}
-_VANDER_ELEMS = 1 << 20
+_VANDER_ELEMS = 1 << 18
 
 _REAL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _COMPLEX = (torch.complex64, torch.complex128)
@@ -203,6 +203,8 @@ def _group_conv(u, dA, dB, C, D, s0, T, want_state, cdt, ctype, y=None):
     Df = None if D is None else D.to(cdt)
     Cf, r = divmod(L, T)  # full chunks and the tail's length (0: none); Cf >= 1 as T <= L
     budget = _GROUP_ELEMS["cuda" if u.is_cuda else "cpu"]
+    if not u.is_cuda:  # float32 temporaries of at most 1/16 of the group's input each
+        budget = min(budget, max(1 << 16, B * Hg * L * u.element_size() // 64))
     G = _even_split(Cf, budget // (B * Hg * T))  # chunks per batch in passes 1 and 3
 
     # Pass 1: local states z_c = M_ux u^(c) of the full chunks, (B, Hg, Cf, m) complex.

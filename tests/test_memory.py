@@ -87,14 +87,20 @@ def peaks():
     return res
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_forward_within_2_5x(peaks, dtype):
-    assert peaks[dtype + "_forward"] <= 2.5  # before: 4.3x float32, 8.6x bfloat16 (L = 1M)
+# Half-precision u with few rows is the documented exception (docs/cpu-engines.md, "Memory"):
+# two long float32 rows in flight with their spectra take about 3x a bfloat16 u of 8 rows, and
+# one row at a time made the call 3-4x slower; from about 16 rows on it is within 2.5x / 5x.
+LIMITS = {"float32": (2.5, 5.0), "bfloat16": (3.25, 6.0)}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_forward_backward_within_5x(peaks, dtype):
-    assert peaks[dtype + "_forward_backward"] <= 5.0  # before: 12.2x float32
+def test_forward_within_budget(peaks, dtype):
+    assert peaks[dtype + "_forward"] <= LIMITS[dtype][0]  # before: 5.7x float32, 11.9x bfloat16
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_forward_backward_within_budget(peaks, dtype):
+    assert peaks[dtype + "_forward_backward"] <= LIMITS[dtype][1]  # before: 12.5x, 26x
 
 
 def test_ssm_conv_within_2x(peaks):
@@ -106,12 +112,13 @@ def test_ssm_conv_within_2x(peaks):
 @pytest.mark.parametrize("factor", [1.0, 2.0, 3.0, 6.0])
 def test_plan_stays_within_its_budget(B, H, n, factor):
     """The planner's own accounting: rows in flight and group spectra within the budget,
-    except where a single row and its channel exceed it (then exactly one of each)."""
+    except where two rows and their channels exceed it (then two rows, never one, where there
+    are two: a single long row transforms 3x slower per row)."""
     R = S = 4 * n
     per_row, per_channel = R + S, S
     budget = _cpu.budget(B * H * (n // 2) * 4, factor, 0)
     r, hg = _cpu.plan(B, H, budget, per_row, per_channel, rows=16, single=2 * R)
-    assert 1 <= r and 1 <= hg <= H
+    assert 1 <= r <= 16 and 1 <= hg <= H
     if r * per_row + hg * per_channel > budget:
-        assert (r, hg) == (1, 1)
-    assert r <= 16 and hg >= -(-r // B) or hg == H
+        assert r == min(2, B * H) and hg == min(H, -(-r // B))
+    assert hg >= -(-r // B) or hg == H
