@@ -3,6 +3,7 @@
     python bench/long.py                 # L = 16K .. 4M, B = 1, H = 8, float32
     python bench/long.py --quick         # L = 16K, 64K (smoke test)
     python bench/long.py --lengths 16384 1048576 --H 16 --device cuda
+    python bench/long.py --lengths 1048576 --dtype bfloat16 --methods fftconv fftconv_fb ssm_conv
 
 Methods, forward-only (torch.no_grad) on the same inputs:
 
@@ -30,6 +31,11 @@ Peak memory is what the process needed beyond its inputs during the first call:
 - CUDA: torch.cuda.max_memory_allocated() during the call minus memory_allocated() before
         it (torch's caching allocator only: cuFFT plans' workspaces are included when
         torch allocates them, the driver's own are not).
+
+Each row also gives the peak beyond its outputs in multiples of u's size (extra_x: (peak_mb -
+out_mb) / u_mb; outputs: y, and the gradients for the forward+backward methods), the measure of
+the CPU engine's memory budget (docs/cpu-engines.md: at most 2.5x forward, 5x forward+backward,
+2x for ssm_conv).
 
 Times: the fastest of the repeated calls after that first one (CPU: perf_counter; CUDA:
 CUDA events on the current stream); the median is in the JSON too. The minimum, because
@@ -101,8 +107,10 @@ def _inputs(method, B, H, L, device):
             return full, u.nbytes
         return (lambda: overlap_save(u, k, D)), u.nbytes
 
+    dt = getattr(torch, DTYPE[0])
+
     def dev(x):
-        return x.to(device)
+        return x.to(device=device, dtype=dt) if x.is_floating_point() else x.to(device)
 
     u = dev(torch.randn(B, H, L, generator=gen))
     D = dev(torch.randn(H, generator=gen))
@@ -118,7 +126,7 @@ def _inputs(method, B, H, L, device):
         dA = torch.exp(dt * A)
         dB = (dA - 1) / A
         C = torch.randn(H, m, dtype=torch.complex128, generator=gen)
-        dA, dB, C = (dev(x.to(torch.complex64)) for x in (dA, dB, C))
+        dA, dB, C = (x.to(device=device, dtype=torch.complex64) for x in (dA, dB, C))
         return (lambda: ssm_conv(u, dA, dB, C, D)), u.numel() * u.element_size()
     k = dev(torch.randn(H, L, generator=gen) / L ** 0.5)
     if method in FB_METHODS:
@@ -133,7 +141,8 @@ def _inputs(method, B, H, L, device):
                 f(*leaves).backward(dy)
             for t in leaves:
                 t.grad = None
-        return fb, (u.numel() + k.numel() + D.numel()) * u.element_size()  # the gradients
+        # Outputs: y (alive until backward returns) and the gradients.
+        return fb, (2 * u.numel() + k.numel() + D.numel()) * u.element_size()
     if method == "fftconv":
         return (lambda: flashconv.fftconv(u, k, D)), u.numel() * u.element_size()
     from flashconv.reference import fftconv_ref
@@ -141,10 +150,15 @@ def _inputs(method, B, H, L, device):
     return (lambda: fftconv_ref(u, k, D)), u.numel() * u.element_size()
 
 
+DTYPE = ["float32"]  # u's dtype (set from the spec in the child)
+
+
 def child(spec):
     """Measure one (method, L) in this process; print one JSON line."""
     import torch
 
+    if spec["method"] not in SHORT_METHODS:
+        DTYPE[0] = spec.get("dtype", "float32")
     method, B, H, L, device = spec["method"], spec["B"], spec["H"], spec["L"], spec["device"]
     cuda = device == "cuda" and method not in SHORT_METHODS
     torch.set_grad_enabled(False)
@@ -155,6 +169,7 @@ def child(spec):
     del warm
     fn, out_bytes = _inputs(method, B, H, L, "cuda" if cuda else "cpu")
     r = dict(spec, device="cuda" if cuda else "cpu", out_mb=out_bytes / 2 ** 20,
+             u_mb=B * H * L * getattr(torch, DTYPE[0]).itemsize / 2 ** 20,
              loadavg_start=os.getloadavg()[0])
     if cuda:
         torch.cuda.synchronize()
@@ -184,6 +199,7 @@ def child(spec):
             times.append(time.perf_counter() - t0)
             if first > 5 and len(times) >= 2:  # a slow config: two timed calls are enough
                 break
+    r["extra_x"] = (r["peak_mb"] - r["out_mb"]) / r["u_mb"]
     r["time_s"] = min(times)
     r["median_s"] = statistics.median(times)
     r["n_timed"] = len(times)
@@ -210,19 +226,21 @@ def run_child(spec, timeout, threads=None):
     return json.loads(lines[-1])
 
 
-def _fmt(r, key, scale, fmt):
-    if r is None or "error" in r:
-        return "%9s" % ("error" if r is not None else "-")
+def _fmt(r, key, scale, fmt, width=9):
+    if r is None or "error" in r or key not in r:
+        return "%*s" % (width, "error" if r is not None and "error" in r else "-")
     return fmt % (r[key] * scale)
 
 
-def print_tables(rows, H, B):
+def print_tables(rows, H, B, dtype="float32"):
     by = {(r["method"], r["L"]): r for r in rows}
     lengths = sorted({r["L"] for r in rows})
-    print("\nLong sequences, B=%d H=%d float32: time (ms, min) | peak extra memory (MB) beyond "
-          "inputs, output included" % (B, H))
-    hdr = "%9s %8s | %9s %9s %9s | %8s %8s %8s | %8s" % (
-        "L", "out MB", "fftconv", "ssm_conv", "torch_ref", "fftconv", "ssm_conv", "torch_ref", "x_ref")
+    print("\nLong sequences, B=%d H=%d %s: time (ms, min) | peak extra memory (MB) beyond "
+          "inputs, output included | beyond the output too, in multiples of u's size"
+          % (B, H, dtype))
+    hdr = "%9s %8s | %9s %9s %9s | %8s %8s %8s | %5s %5s %5s | %8s" % (
+        "L", "out MB", "fftconv", "ssm_conv", "torch_ref", "fftconv", "ssm_conv", "torch_ref",
+        "fc x", "ssm x", "ref x", "x_ref")
     print(hdr)
     print("-" * len(hdr))
     for L in lengths:
@@ -233,15 +251,17 @@ def print_tables(rows, H, B):
         ok = [r for r in rs if r and "error" not in r]
         speed = ("%8.2f" % (rs[2]["time_s"] / min(r["time_s"] for r in ok[:2])) if len(ok) == 3
                  and rs[2] in ok else "%8s" % "-")
-        print("%9d %8.1f | %s %s %s | %s %s %s | %s" % (
+        print("%9d %8.1f | %s %s %s | %s %s %s | %s %s %s | %s" % (
             L, out, *[_fmt(r, "time_s", 1e3, "%9.1f") for r in rs],
-            *[_fmt(r, "peak_mb", 1, "%8.1f") for r in rs], speed))
+            *[_fmt(r, "peak_mb", 1, "%8.1f") for r in rs],
+            *[_fmt(r, "extra_x", 1, "%5.2f", 5) for r in rs], speed))
     fb = [(by.get(("fftconv_fb", L)), by.get(("torch_ref_fb", L))) for L in lengths]
     if any(a or b for a, b in fb):
-        print("\nForward + backward (autograd, gradients of u, k and D), B=%d H=%d float32: time "
-              "(ms, min) | peak extra memory (MB), gradients included" % (B, H))
-        hdr = "%9s | %9s %9s %7s | %9s %9s" % ("L", "fftconv", "torch_ref", "x_ref", "fftconv",
-                                                "torch_ref")
+        print("\nForward + backward (autograd, gradients of u, k and D), B=%d H=%d %s: time "
+              "(ms, min) | peak extra memory (MB), y and gradients included | beyond them, in "
+              "multiples of u's size" % (B, H, dtype))
+        hdr = "%9s | %9s %9s %7s | %9s %9s | %5s %5s" % ("L", "fftconv", "torch_ref", "x_ref",
+                                                          "fftconv", "torch_ref", "fc x", "ref x")
         print(hdr)
         print("-" * len(hdr))
         for L, (a, b) in zip(lengths, fb):
@@ -249,9 +269,10 @@ def print_tables(rows, H, B):
                 continue
             x = ("%7.2f" % (b["time_s"] / a["time_s"]) if a and b and "error" not in a
                  and "error" not in b else "%7s" % "-")
-            print("%9d | %s %s %s | %s %s" % (
+            print("%9d | %s %s %s | %s %s | %s %s" % (
                 L, _fmt(a, "time_s", 1e3, "%9.1f"), _fmt(b, "time_s", 1e3, "%9.1f"), x,
-                _fmt(a, "peak_mb", 1, "%9.1f"), _fmt(b, "peak_mb", 1, "%9.1f")))
+                _fmt(a, "peak_mb", 1, "%9.1f"), _fmt(b, "peak_mb", 1, "%9.1f"),
+                _fmt(a, "extra_x", 1, "%5.2f", 5), _fmt(b, "extra_x", 1, "%5.2f", 5)))
     short = [(by.get(("fft_full", L)), by.get(("overlap", L))) for L in lengths]
     if any(a or b for a, b in short):
         from flashconv._overlap import choose_block, overlap_save_cheaper
@@ -317,6 +338,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, help="CPU threads for torch and flashconv's CPU engine "
                     "(default: theirs, i.e. all cores). On a CPU shared with other jobs, torch's "
                     "OpenMP threads spin-wait for each other and times swing by 10x; 1 is steadier")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"),
+                    help="dtype of u, k and D (the short-kernel section stays numpy float32)")
+    ap.add_argument("--methods", nargs="+", choices=MAIN_METHODS + FB_METHODS + SHORT_METHODS,
+                    help="only these methods (default: all of the sections asked for)")
     ap.add_argument("--no-short", action="store_true", help="skip the short-kernel section")
     ap.add_argument("--no-backward", action="store_true",
                     help="skip the forward+backward section (fftconv and torch_ref autograd)")
@@ -337,6 +362,9 @@ def main(argv=None):
         configs += [(m, L) for L in lengths for m in FB_METHODS]
     if not args.no_short:
         configs += [(m, L) for L in lengths for m in SHORT_METHODS]
+    if args.methods:
+        configs = [(m, L) for L in lengths for m in MAIN_METHODS + FB_METHODS + SHORT_METHODS
+                   if m in args.methods]
     env = _environment(device)
     print("device %s (%s), %d CPU threads (%s used), load average %s" % (
         device, env.get("gpu", env["cpu"]), env["cpu_threads"], args.threads or "all",
@@ -345,23 +373,24 @@ def main(argv=None):
     t_start = time.perf_counter()
     for i, (method, L) in enumerate(configs, 1):
         spec = {"method": method, "B": args.B, "H": args.H, "L": L, "device": device,
-                "reps": args.reps, "min_time": 1.0}
+                "reps": args.reps, "min_time": 1.0, "dtype": args.dtype}
         r = run_child(spec, args.timeout, args.threads)
         rows.append(r)
         if "error" in r:
             msg = "error: %s" % r["error"]
         else:
-            msg = "%.2f ms (median %.2f), peak %.1f MB (output %.1f MB), %.0f Melem/s, load %.1f" % (
-                r["time_s"] * 1e3, r["median_s"] * 1e3, r["peak_mb"], r["out_mb"], r["melem_per_s"],
-                r["loadavg_end"])
+            msg = ("%.2f ms (median %.2f), peak %.1f MB (outputs %.1f MB; beyond them %.2fx u's "
+                   "size), %.0f Melem/s, load %.1f" % (
+                       r["time_s"] * 1e3, r["median_s"] * 1e3, r["peak_mb"], r["out_mb"],
+                       r["extra_x"], r["melem_per_s"], r["loadavg_end"]))
         print("[%2d/%d %5.0fs] %-9s L=%-8d %s" % (
             i, len(configs), time.perf_counter() - t_start, method, L, msg), flush=True)
-    print_tables(rows, args.H, args.B)
+    print_tables(rows, args.H, args.B, args.dtype)
 
     report = {"kind": "long_sequences", "device": device,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "quick": args.quick, "threads": args.threads, "B": args.B, "H": args.H,
-              "d_state": D_STATE, "short_lk": SHORT_LK, "dtype": "float32",
+              "d_state": D_STATE, "short_lk": SHORT_LK, "dtype": args.dtype,
               "time": "time_s: fastest timed call after the first; median_s: their median",
               "memory": ("peak_mb: ru_maxrss after the first call minus RSS before it "
                          "(all allocations, output included)" if device == "cpu" else
@@ -370,7 +399,8 @@ def main(argv=None):
               "env": env, "rows": rows, "wall_s": time.perf_counter() - t_start}
     from bench._common import report_path, write_report
 
-    write_report(report_path(args.out, "long", env.get("gpu", "cpu"), quick=args.quick), report)
+    tag = "" if args.dtype == "float32" else args.dtype
+    write_report(report_path(args.out, "long", env.get("gpu", "cpu"), tag, quick=args.quick), report)
     return 0
 
 

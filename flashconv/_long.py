@@ -1,5 +1,5 @@
 """The forward causal convolution beyond the fused kernel's on-chip size: a two-level block FFT
-N = N1 * N2 (DESIGN.md section 3, "Sizes" (a); kernels in cuda/include/flashconv/fftconv_long.h).
+N = N1 * N2 (docs/kernels.md; kernels in cuda/include/flashconv/fftconv_long.h).
 
   pass A  outer DFT-N1 along n1 (stride N2) of the packed pair z = x_b + i x_{b+1}, times
           w_N^(k1 n2), into a complex64 workspace (ceil(B/2), H, N1, N2), row p1 holding

@@ -1,6 +1,6 @@
 """Overlap-save: the CPU engine's causal convolution for kernels much shorter than u.
 
-DESIGN.md section 3 (b). A full-length FFT convolution costs O(L log L) per row whatever
+docs/cpu-engines.md ("The convolution"). A full-length FFT convolution costs O(L log L) per row whatever
 the kernel length; with lk taps, blocks of FFT size P (a few times lk) cost
 O(L/(P - lk + 1) * P log P) = O(L log lk), and each block's FFT fits in cache.
 

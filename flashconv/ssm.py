@@ -2,7 +2,7 @@
 
 Every kernel here is the impulse response of a discrete linear recurrence, and the
 module exposes both views so that the convolutional forward (``flashconv.fftconv``),
-the O(1)-per-token decoder and state passing (DESIGN.md section 4) all use the same
+the O(1)-per-token decoder and state passing (docs/state-passing.md) all use the same
 numbers.
 
 S4D (diagonal, complex). The code base's convention: the state keeps N/2 complex
@@ -162,8 +162,8 @@ def s4d_step(dA, dB, C, u, state):
 def s4d_state_from_inputs(dA, dB, u, state=None):
     """State after running the recurrence over a whole chunk of inputs.
 
-    ``s_L = dA^L s_0 + sum_j dA^(L-1-j) dB u_j``: the ``M_ux`` product of DESIGN.md
-    section 4, evaluated as one contraction instead of L sequential steps.
+    ``s_L = dA^L s_0 + sum_j dA^(L-1-j) dB u_j``: the ``M_ux`` product of
+    docs/state-passing.md, evaluated as one contraction instead of L sequential steps.
 
     Args:
         dA, dB: (H, N/2) complex.
@@ -186,7 +186,7 @@ def s4d_state_output(dA, C, state, L):
     """Output over the next L steps due to a starting state alone (zero inputs).
 
     ``y_j = 2 Re(sum_n C_n dA_n^(j+1) s_n)`` for j in [0, L): the ``M_xy`` correction
-    of DESIGN.md section 4. Adding it to the zero-state convolution continues a
+    of docs/state-passing.md. Adding it to the zero-state convolution continues a
     sequence from ``state``.
 
     Args:

@@ -1,7 +1,7 @@
 """python_ref: float64 numpy/scipy references for flashconv (no torch anywhere).
 
 It is the ground truth for every test in the project and the stage-by-stage specification
-of the CUDA kernel (DESIGN.md sections 3 and 6):
+of the CUDA kernel (docs/kernels.md; the tolerance rule: docs/testing.md):
 
 - conv: the gated causal convolution computed directly and by FFT in float64, and its
   analytic gradients.

@@ -1,4 +1,4 @@
-"""Stage-by-stage mirror of the kernel's block (Monarch) FFT convolution (DESIGN.md section 3).
+"""Stage-by-stage mirror of the kernel's block (Monarch) FFT convolution (docs/kernels.md).
 
 Everything here is numpy float64; with ``precision='fp64'`` nothing is rounded and the
 results equal numpy.fft / the direct convolution to float64 round-off. The other precisions

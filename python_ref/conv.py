@@ -1,4 +1,4 @@
-"""float64 references for the gated causal convolution (DESIGN.md section 1).
+"""float64 references for the gated causal convolution (docs/architecture.md).
 
     x[b,h,t] = g_in[b,h,t] * u[b,h,t]
     y[b,h,t] = g_out[b,h,t] * ( sum_{s<=t} k[h,s] * x[b,h,t-s]  +  D[h] * x[b,h,t] )

@@ -1,4 +1,4 @@
-"""float64 references for the diagonal (S4D) SSM and state passing (DESIGN.md section 4).
+"""float64 references for the diagonal (S4D) SSM and state passing (docs/state-passing.md).
 
 The S4D convention of flashconv/ssm.py: N/2 complex modes per channel, the other N/2
 their conjugates, hence the factor 2 and the real part::
@@ -104,7 +104,7 @@ def ssm_recurrence(u, dA, dB, C, D=None, state=None, method="lfilter"):
 
 
 def state_passing(u, dA, dB, C, D=None, chunk=2048, state=None):
-    """The chunked algorithm of DESIGN.md section 4 in float64: returns (y, final state).
+    """The chunked algorithm of docs/state-passing.md in float64: returns (y, final state).
 
     For chunk c (length T, the last one possibly shorter, r taps) with s_(c-1) the state
     after chunk c-1::

@@ -1,6 +1,6 @@
 """flashconv.fftconv on the CPU (numpy arrays and torch tensors) against float64 python_ref.
 
-Tolerance rule (DESIGN section 6): relative L2 error against float64 within 2x the error
+Tolerance rule (docs/testing.md): relative L2 error against float64 within 2x the error
 of simply rounding the exact result to the output dtype (the best any implementation
 returning that dtype can do) plus a small term for the float32 compute.
 """

@@ -1,6 +1,6 @@
 """The fused CUDA forward kernel against float64 python_ref (marked gpu: skipped without a GPU).
 
-Rule (DESIGN section 6): rel L2 error of the kernel <= 2 x the error of the torch.fft reference
+Rule (docs/testing.md): rel L2 error of the kernel <= 2 x the error of the torch.fft reference
 run at the same input/output dtype, plus a small absolute term. Errors are printed first.
 """
 import numpy as np

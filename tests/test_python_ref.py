@@ -367,7 +367,7 @@ UNIT_ROUNDOFF = {"fp16": 2.0**-11, "bf16": 2.0**-8, "fp32": 2.0**-24}
 
 @pytest.mark.parametrize("N", [256, 4096, 16384])
 def test_emulated_errors(N):
-    """Prints the numbers behind DESIGN.md's precision choice and bounds them.
+    """Prints the numbers behind the kernel's precision choice (docs/kernels.md) and bounds them.
 
     A-priori bound for every combination: the io floor plus u_op * sqrt(4 * stages), one
     unit roundoff per operand (data and DFT matrix) per stage, forward and inverse,
