@@ -55,7 +55,7 @@ from flashconv import _buildtools  # noqa: E402
 from flashconv._long import long_spectrum, two_level_plan  # noqa: E402
 from flashconv.plan import fused_fft_size  # noqa: E402
 from tests.emu import build as emu  # noqa: E402
-from tests.test_emu_fftconv import spectrum, to_io  # noqa: E402
+from tests.test_emu_fftconv import spectrum_inputs, to_io  # noqa: E402
 
 # H100 SXM5 constants of the model (see the module docstring).
 GPU = {
@@ -78,13 +78,6 @@ THREADS = 256
 IO_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
 DATA_TENSORS = ("u", "g_in", "g_out", "y", "dy", "du", "dg_in", "dg_out")
 PER_CHANNEL = ("K", "k_exp", "D", "dk", "dD", "dk_rev")
-KERNEL_NAMES = {  # emulator kernel name fragment -> lint name fragment
-    "fftconv_fwd_kernel": "fftconv_fwd_kernel", "fftconv_bwd_kernel": "fftconv_bwd_kernel",
-    "fftconv_long_outer_fwd_kernel": "fftconv_long_outer_fwd_kernel",
-    "fftconv_long_inner_kernel": "fftconv_long_inner_kernel",
-    "fftconv_long_outer_inv_kernel": "fftconv_long_outer_inv_kernel",
-}
-LINT_DTYPE = {"bf16": "bf16_t", "f16": "half_t", "f32": "float"}
 
 
 # ---- emulated runs -----------------------------------------------------------------------------
@@ -102,8 +95,7 @@ def _inputs(kind, dtype, B, L, rng):
         params = {"B": B, "H": 1, "L": L, "N1": N1, "N2": N2, "has_D": 1}
         return "fftconv_long_" + dtype, inputs, params
     N = fused_fft_size(L)
-    K, k_exp = spectrum(k, L, N)
-    inputs = {"u": to_io(u, dtype).reshape(-1), "K": K, "k_exp": k_exp, "D": D}
+    inputs = {"u": to_io(u, dtype).reshape(-1), **spectrum_inputs(k, L, N, dtype), "D": D}
     params = {"B": B, "H": 1, "L": L, "N": N, "has_D": 1, "u_sb": L, "u_sh": L, "u_st": 1}
     if kind == "bwd":
         inputs["dy"] = to_io(rng.standard_normal((B, 1, L)), dtype)
@@ -111,11 +103,19 @@ def _inputs(kind, dtype, B, L, rng):
     return "fftconv_%s_%s" % (kind, dtype), inputs, params
 
 
+def pairs_per_iteration(kind, dtype, L):
+    """Pairs of batch rows a CTA processes at once: the bfloat16 forward batches pp = 8192/N
+    pairs for N < 8192 (cuda/include/flashconv/fwd_tc.h, make_shape); everything else one."""
+    if kind == "fwd" and dtype == "bf16":
+        return max(1, 8192 // fused_fft_size(L))
+    return 1
+
+
 def emulate(kind, dtype, L, B):
     """The emulator's counters for one call (a list of launches); num_sms=0: one CTA."""
     case, inputs, params = _inputs(kind, dtype, B, L, np.random.default_rng(L + B))
     params["num_sms"] = 0
-    return emu.run(case, inputs, params=params, counters=True, timeout=3600).counters
+    return emu.run(case, inputs, sm=90, params=params, counters=True, timeout=3600).counters
 
 
 def _flat(region):
@@ -128,13 +128,14 @@ def _flat(region):
         for tensor, st in region[kind].items():
             for key, v in st.items():
                 out["%s.%s.%s" % (kind, tensor, key)] = v
-    for key in ("barriers", "mma", "shfl", "ld_rounds_dram", "ld_rounds_l2"):
-        out[key] = region[key]
+    for key in ("barriers", "mma", "shfl", "entries", "ld_rounds_dram", "ld_rounds_l2"):
+        out[key] = region.get(key, 0)
     return out
 
 
 def per_cta(launch2, launch4, pairs):
-    """Counts of one CTA doing `pairs` pairs, per region: fixed + pairs * (launch4 - launch2)."""
+    """Counts of one CTA doing `pairs` units of work (pairs, or iterations of several pairs),
+    per region: fixed + pairs * (launch4 - launch2), launch4 doing one unit more than launch2."""
     r2 = {r["name"]: _flat(r) for r in launch2["regions"]}
     r4 = {r["name"]: _flat(r) for r in launch4["regions"]}
     out = {}
@@ -150,9 +151,10 @@ def per_cta(launch2, launch4, pairs):
 
 # ---- the lint ---------------------------------------------------------------------------------
 
-def lint_rows():
-    """sass_lint of the built extension, or [] with a warning (then no registers or issue term)."""
-    so = glob.glob(str(ROOT / "flashconv" / "_C*.so"))
+def lint_rows(binary=None):
+    """sass_lint of `binary` (default: the built extension), or [] with a warning (then no
+    registers or issue term)."""
+    so = [binary] if binary else glob.glob(str(ROOT / "flashconv" / "_C*.so"))
     if not so:
         print("model: flashconv._C is not built: no SASS lint (registers, instructions) in the model")
         return []
@@ -164,37 +166,65 @@ def lint_rows():
 
 
 def lint_for(lint, kernel, dtype, arch):
-    frag = next((v for k, v in KERNEL_NAMES.items() if k in kernel), None)
+    """The lint row of the emulated `kernel` (a demangled name) for `arch`."""
+    name = _short(kernel)
     for r in lint:
-        if r["arch"] == arch and frag and frag + "<" in r["demangled"] and \
-                ("<%s>" % ("flashconv::hw::" + LINT_DTYPE[dtype] if dtype != "f32" else "float")) in r["demangled"]:
+        if r["arch"] == arch and _short(r["demangled"]) == name:
             return r
     return None
 
 
 # ---- the time model ---------------------------------------------------------------------------
 
-def region_times(c, gpu, instr_ratio):
-    """Per-resource seconds of one region's counts c for a CTA alone on its SM."""
+def marked_regions():
+    """Per-region static SASS counts of the kernels (flashconv._buildtools.marked_cubin_regions:
+    a build with -DFLASHCONV_REGION_MARKS, cached under build/model), or {} without nvcc."""
+    try:
+        return _buildtools.marked_cubin_regions(
+            sorted(str(p) for p in (ROOT / "cuda" / "src").glob("fftconv_*.cu")),
+            str(ROOT / "cuda" / "include"), arch=GPU["arch"], cache_dir=str(ROOT / "build" / "model"))
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        print("model: no per-region instruction counts (%s): kernel-wide ratios instead" % exc)
+        return {}
+
+
+def region_instructions(marked, kernel, region, counts, fallback):
+    """Estimated dynamic warp instructions of a region's counts: its counted accesses times the
+    region's static instructions per counted instruction in the marked build; for a region
+    with no counted instruction (set-up code), its static instructions times the warps'
+    entries into it; without a marked build, `fallback` (the kernel-wide ratio) per access."""
+    regs = marked.get(next((k for k in marked if _short(k) == _short(kernel)), ""), {})
+    c = regs.get(_buildtools.region_id(region))
+    accesses = (counts.get("lds.instr", 0) + counts.get("sts.instr", 0) + counts.get("barriers", 0) +
+                counts.get("mma", 0) + counts.get("shfl", 0) +
+                sum(v for k, v in counts.items() if k.endswith(".requests")))
+    if c and c["counted"]:
+        return accesses * c["instructions"] / c["counted"]
+    if c:
+        return counts.get("entries", 0) * c["instructions"]
+    return accesses * fallback
+
+
+def region_times(c, gpu, instructions):
+    """Per-resource seconds of one region's counts c (and estimated warp instructions) for a CTA
+    alone on its SM."""
     clk, sms = gpu["clock_hz"], gpu["sms"]
-    accesses = (c.get("lds.instr", 0) + c.get("sts.instr", 0) + c.get("barriers", 0) +
-                c.get("mma", 0) + c.get("shfl", 0) +
-                sum(v for k, v in c.items() if k.endswith(".requests")))
     return {
         "dram": c["dram_bytes"] / (gpu["hbm_bytes_per_s"] / sms),
         "l2": c["l2_bytes"] / (gpu["l2_bytes_per_s"] / sms),
         "smem": (c.get("lds.wavefronts", 0) + c.get("sts.wavefronts", 0)) / (gpu["smem_wavefronts_per_clk"] * clk),
         "tensor": c.get("mma", 0) / (gpu["mma_per_clk"] * clk),
-        "issue": accesses * instr_ratio / (gpu["issue_per_clk"] * clk) if instr_ratio else 0.0,
+        "issue": instructions / (gpu["issue_per_clk"] * clk),
         "latency": (c.get("ld_rounds_dram", 0) * gpu["dram_latency_s"] +
                     c.get("ld_rounds_l2", 0) * gpu["l2_latency_s"] + c.get("barriers", 0) * gpu["barrier_s"]),
     }
 
 
-def model_launch(launch2, launch4, dtype, lint, gpu=GPU, B=SCALE_B, H=SCALE_H):
-    """One launch at (B, H): bytes, wavefronts, occupancy and modeled time (dict)."""
+def model_launch(launch2, launch4, dtype, lint, gpu=GPU, B=SCALE_B, H=SCALE_H, pp=1, marked=None):
+    """One launch at (B, H): bytes, wavefronts, occupancy and modeled time (dict). launch2 and
+    launch4 ran one and two iterations of pp pairs."""
     pairs = (B + 1) // 2
-    regions = per_cta(launch2, launch4, pairs)
+    regions = per_cta(launch2, launch4, -(-pairs // pp))
     lr = lint_for(lint, launch4["kernel"], dtype, gpu["arch"])
     smem = launch4["smem_bytes"] + (lr["smem"] if lr else 0)
     if lr:
@@ -215,7 +245,9 @@ def model_launch(launch2, launch4, dtype, lint, gpu=GPU, B=SCALE_B, H=SCALE_H):
             first += r.get("ldg.K.sectors", 0) - r.get("ldg.K.first", 0)
         r["dram_bytes"] = 32 * first
         r["l2_bytes"] = 32 * sum(v for k, v in r.items() if k.endswith(".sectors"))
-    times = {name: region_times(r, gpu, instr_ratio) for name, r in regions.items()}
+    times = {name: region_times(r, gpu, region_instructions(marked or {}, launch4["kernel"], name, r,
+                                                           instr_ratio))
+             for name, r in regions.items()}
     # One CTA: its regions in sequence (barriers). c CTAs per SM: at best overlapped up to the
     # SM's share of each throughput resource.
     serial = sum(max(t.values()) for t in times.values())
@@ -297,11 +329,12 @@ def floor_bytes(kind, dtype, L, B=SCALE_B, H=SCALE_H):
             "fwdbwd": 5 * data + 3 * kern}[kind]
 
 
-def model_row(kind, dtype, L, lint, gpu=GPU):
+def model_row(kind, dtype, L, lint, gpu=GPU, marked=None):
     """One row: the call's launches modeled at (64, 768) and summed."""
     t0 = time.time()
-    two, four = emulate(kind, dtype, L, 2), emulate(kind, dtype, L, 4)
-    launches = [model_launch(a, b, dtype, lint, gpu) for a, b in zip(two, four)]
+    pp = pairs_per_iteration(kind, dtype, L)
+    two, four = emulate(kind, dtype, L, 2 * pp), emulate(kind, dtype, L, 4 * pp)
+    launches = [model_launch(a, b, dtype, lint, gpu, pp=pp, marked=marked) for a, b in zip(two, four)]
     N = fused_fft_size(L)
     fb = floor_bytes(kind, dtype, L)
     row = {"kind": kind, "kernel": " + ".join(x["kernel"] for x in launches), "dtype": dtype,
@@ -392,15 +425,22 @@ def main(argv=None):
     ap.add_argument("--rows", default="", help="only rows whose kind starts with this")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--binary", default="", help="lint this object or library instead of the "
+                    "built extension (e.g. one .cu compiled with nvcc -arch=sm_90)")
+    ap.add_argument("--dtypes", default="", help="comma-separated io dtypes (bf16,f16,f32)")
+    ap.add_argument("--lengths", default="", help="comma-separated L values")
     args = ap.parse_args(argv)
 
-    lint = lint_rows()
+    lint = lint_rows(args.binary or None)
+    marked = marked_regions()
     if lint:
         print(_buildtools.format_lint([r for r in lint if "probe" not in r["demangled"]]))
-    plan = [p for p in plan_rows(args.quick) if p[0].startswith(args.rows)]
+    plan = [p for p in plan_rows(args.quick) if p[0].startswith(args.rows)
+            and (not args.dtypes or p[1] in args.dtypes.split(","))
+            and (not args.lengths or str(p[2]) in args.lengths.split(","))]
     rows, start = [], time.time()
     for i, (kind, dtype, L) in enumerate(plan):
-        rows.append(model_row(kind, dtype, L, lint))
+        rows.append(model_row(kind, dtype, L, lint, marked=marked))
         print("[%d/%d] %s %s L=%d: modeled %.1f us (floor %.1f us), emulated in %.0f s" % (
             i + 1, len(plan), kind, dtype, L, rows[-1]["modeled_time_s"] * 1e6,
             rows[-1]["floor_time_s"] * 1e6, rows[-1]["emulation_s"]), flush=True)

@@ -234,3 +234,78 @@ def format_lint(rows):
             r["local_instructions"], r["slow_div_calls"], r.get("ctas_per_sm", "-"),
             "%s (%s)" % (r.get("warps_per_sm", "-"), r.get("limited_by", "-"))))
     return "\n".join(lines)
+
+
+def region_id(name):
+    """hw::region_id: FNV-1a of a counter region's name, mod 16 (the id of its SASS marker)."""
+    h = 2166136261
+    for ch in name.encode():
+        h = ((h ^ ch) * 16777619) & 0xFFFFFFFF
+    return h & 15
+
+
+def sass_regions(text):
+    """{mangled kernel: {region id or None: {"instructions": n, "counted": n}}} from nvdisasm -c
+    output of a build with -DFLASHCONV_REGION_MARKS: instructions in address order belong to the
+    region of the last `PMTRIG 1<<id` before them (None: before the first marker);
+    subroutines are skipped. `counted` are those the emulator counts one-to-one."""
+    out, cur, region = {}, None, None
+    instr = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)([.\w]*)\s*(.*)$")
+    for line in text.splitlines():
+        m = re.match(r"\s+\.type\s+([^,]+),@function", line)
+        if m:
+            name = m.group(1)
+            cur = None if name.startswith("$") else out.setdefault(name, {})
+            region = None
+            continue
+        m = instr.match(line)
+        if not m or cur is None:
+            continue
+        op = m.group(1)
+        if op == "PMTRIG":
+            region = int(m.group(3).strip(" ;"), 16).bit_length() - 1
+            continue
+        if op in ("NOP",):
+            continue
+        r = cur.setdefault(region, {"instructions": 0, "counted": 0})
+        r["instructions"] += 1
+        if op in _COUNTED_OPS:
+            r["counted"] += 1
+    return out
+
+
+def marked_cubin_regions(sources, include, arch="sm_90", cache_dir=None):
+    """sass_regions of each CUDA source in `sources` compiled with -DFLASHCONV_REGION_MARKS
+    for `arch` (cached under cache_dir by the sources' and headers' contents): {demangled
+    kernel: {region id: counts}}. Raises RuntimeError without nvcc or nvdisasm."""
+    import hashlib
+    import tempfile
+    nvcc, nvdisasm = find_nvcc(), find_cuda_tool("nvdisasm")
+    if not nvcc or not nvdisasm:
+        raise RuntimeError("the marked lint build needs nvcc and nvdisasm")
+    h = hashlib.sha256(arch.encode())
+    for path in sorted(list(sources) + sorted(
+            os.path.join(d, f) for d, _, fs in os.walk(include) for f in fs)):
+        h.update(path.encode() + open(path, "rb").read())
+    cache = os.path.join(cache_dir or tempfile.gettempdir(), "fc-marked-%s.json" % h.hexdigest()[:16])
+    if os.path.exists(cache):
+        import json
+        with open(cache) as f:
+            return {k: {(None if r == "null" else int(r)): v for r, v in regs.items()}
+                    for k, regs in json.load(f).items()}
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="fc-marked-") as tmp:
+        for src in sources:
+            cubin = os.path.join(tmp, os.path.basename(src) + ".cubin")
+            _run([nvcc, "-std=c++17", "-arch=" + arch, "-O3", "-DFLASHCONV_REGION_MARKS",
+                  "--expt-relaxed-constexpr", "-I", include, "-cubin", "-o", cubin, src])
+            for name, regs in sass_regions(_run([nvdisasm, "-c", cubin])).items():
+                result[name] = regs
+    names = _demangle(list(result))
+    result = {names[k]: v for k, v in result.items()}
+    import json
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    with open(cache, "w") as f:
+        json.dump({k: {("null" if r is None else str(r)): v for r, v in regs.items()}
+                   for k, regs in result.items()}, f)
+    return result

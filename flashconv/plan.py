@@ -12,13 +12,16 @@ import functools
 import numpy as np
 
 
+MIN_FUSED_N = 256  # the bfloat16 kernel's smallest size (one 256-point group per pair)
+
+
 def fused_fft_size(L):
-    """FFT size of the fused kernel for length L: smallest power of two >= max(2L, 32).
+    """FFT size of the fused kernel for length L: smallest power of two >= max(2L, 256).
 
     2L (not L + Lk - 1) so that L <= N/2 always holds: the kernel skips the zero half of
     its first stage and the discarded half of its last one.
     """
-    return max(32, 1 << max(0, (2 * int(L) - 1).bit_length()))
+    return max(MIN_FUSED_N, 1 << max(0, (2 * int(L) - 1).bit_length()))
 
 
 def fft_plan(N):
@@ -47,6 +50,29 @@ def monarch_perm(N):
         weight *= r
     freq.setflags(write=False)
     return freq
+
+
+@functools.lru_cache(maxsize=1)
+def fragment_positions():
+    """int64 (256,): the order in which the bfloat16 forward kernel reads one 256-element
+    group of K (cuda/include/flashconv/fwd_tc.h, group256): entry 8 * lane + j holds the
+    group position 16 * k1 + k2 of the mma accumulator element j = 4 * nt + e of `lane`
+    (g = lane // 4, t = lane % 4, k1 = g + 8 * (e // 2), k2 = 2 t + e % 2 + 8 nt)."""
+    lane, j = np.divmod(np.arange(256), 8)
+    g, t = np.divmod(lane, 4)
+    nt, e = np.divmod(j, 4)
+    pos = 16 * (g + 8 * (e // 2)) + 2 * t + e % 2 + 8 * nt
+    pos.setflags(write=False)
+    return pos
+
+
+def fragment_spectrum(K):
+    """The bfloat16 forward kernel's K16 from a Monarch-order spectrum K (H, N) (numpy complex,
+    already scaled so that max |K| <= 1): (H, 2N) float16, per 256-element group the real parts
+    then the imaginary parts, each in fragment_positions() order."""
+    H, N = K.shape
+    Kg = np.asarray(K).reshape(H, N // 256, 256)[:, :, fragment_positions()]
+    return np.stack([Kg.real, Kg.imag], axis=2).astype(np.float16).reshape(H, 2 * N)
 
 
 # --- plan data on a device ------------------------------------------------------------------
@@ -92,6 +118,23 @@ def device_perm(N, device):
     t = _DEVICE_PLANS.get(key)
     if t is None:
         t = _perm_from_positions(torch.arange(int(N), device=device), int(N))
+        if not _capturing(device):
+            _DEVICE_PLANS[key] = t
+    return t
+
+
+def device_fragment_positions(device):
+    """fragment_positions() as an int64 tensor on `device`, computed there (cached per device)."""
+    import torch
+
+    device = torch.device(device)
+    key = ("frag", str(device))
+    t = _DEVICE_PLANS.get(key)
+    if t is None:
+        i = torch.arange(256, device=device)
+        lane, j = i // 8, i % 8
+        g, t4, nt, e = lane // 4, lane % 4, j // 4, j % 4
+        t = 16 * (g + 8 * (e // 2)) + 2 * t4 + e % 2 + 8 * nt
         if not _capturing(device):
             _DEVICE_PLANS[key] = t
     return t

@@ -82,6 +82,20 @@ def monarch_spectrum(k, lk, n, k_rev=None, precision=None):
     return spec.to(torch.complex64).contiguous(), e.to(torch.int32).contiguous()
 
 
+def fragment_spectrum(K):
+    """The bfloat16 fused forward kernel's K16 from a Monarch-order spectrum K (H, n) complex
+    (scaled so that max |K| <= 1): (H, 2n) float16 on K's device, per 256-element group the
+    real parts then the imaginary parts, each in flashconv.plan.fragment_positions() order (the
+    order of the kernel's mma accumulators: one 16-byte read per lane and part)."""
+    import torch
+
+    from flashconv.plan import device_fragment_positions
+
+    H, n = K.shape
+    Kg = K.reshape(H, n // 256, 256).index_select(2, device_fragment_positions(K.device))
+    return torch.stack([Kg.real, Kg.imag], dim=2).to(torch.float16).reshape(H, 2 * n).contiguous()
+
+
 def natural_spectrum(spec, exponent, n):
     """(H, n//2 + 1) natural-order rfft spectrum from a spectrum operand: `spec` itself for
     layout "rfft" (exponent None), else unpermuted and unscaled from Monarch order."""

@@ -73,9 +73,12 @@ def test_first_touch_and_latency_rounds(regions):
     assert regions["half"]["ldg"]["x"]["first"] == 0      # within sectors 0-1, already read
     assert regions["rounds"]["ldg"]["x"]["first"] == 24
     assert regions["rounds_again"]["ldg"]["x"]["first"] == 0
-    # Two loads per iteration overlap; the three iterations do not.
+    # Two loads per iteration overlap; the three iterations, each used before the next, do not;
+    # four loads issued back to back are one round.
     assert (regions["rounds"]["ld_rounds_dram"], regions["rounds"]["ld_rounds_l2"]) == (3, 0)
     assert (regions["rounds_again"]["ld_rounds_dram"], regions["rounds_again"]["ld_rounds_l2"]) == (0, 3)
+    assert (regions["batched"]["ld_rounds_dram"], regions["batched"]["ld_rounds_l2"]) == (1, 0)
+    assert regions["batched"]["ldg"]["x"]["requests"] == 4
 
 
 def test_stores_and_barriers(regions):

@@ -10,7 +10,7 @@ python_ref's stage-by-stage emulation of it.
 import numpy as np
 import pytest
 
-from flashconv.plan import fused_fft_size, monarch_perm
+from flashconv.plan import fragment_spectrum, fused_fft_size, monarch_perm
 from python_ref.blockfft import blockfft_conv
 from python_ref.conv import fftconv as ref_fftconv
 from python_ref.rounding import round_bf16, round_fp16
@@ -50,8 +50,18 @@ def spectrum(k, L, N, k_rev=None):
     return np.stack([K.real, K.imag], -1).astype(np.float32), e.astype(np.int32)
 
 
+def spectrum_inputs(k, L, N, dtype, k_rev=None):
+    """The forward kernel's spectrum inputs: K and k_exp, and for bf16 the tensor-core kernel's
+    fp16 fragment-order K16."""
+    K, k_exp = spectrum(k, L, N, k_rev)
+    out = {"K": K, "k_exp": k_exp}
+    if dtype == "bf16":
+        out["K16"] = fragment_spectrum(K[..., 0] + 1j * K[..., 1]).view(np.uint16)
+    return out
+
+
 def run_fwd(u, k, dtype, D=None, g_in=None, g_out=None, strided=False, variant="plain", num_sms=1,
-            k_rev=None):
+            k_rev=None, sm=80):
     """Run the emulated kernel; u etc. are float64 values already representable in dtype."""
     B, H, L = u.shape
     N = fused_fft_size(L)
@@ -68,8 +78,7 @@ def run_fwd(u, k, dtype, D=None, g_in=None, g_out=None, strided=False, variant="
             return a
         strides = {"u_sb": H * L, "u_sh": L, "u_st": 1}
         u_buf, off = u, 0
-    K, k_exp = spectrum(k, L, N, k_rev)
-    inputs = {"u": to_io(u_buf, dtype).reshape(-1)[off:], "K": K, "k_exp": k_exp}
+    inputs = {"u": to_io(u_buf, dtype).reshape(-1)[off:], **spectrum_inputs(k, L, N, dtype, k_rev)}
     params = {"B": B, "H": H, "L": L, "N": N, "num_sms": num_sms, **strides}
     if D is not None:
         inputs["D"] = D.astype(np.float32)
@@ -78,7 +87,7 @@ def run_fwd(u, k, dtype, D=None, g_in=None, g_out=None, strided=False, variant="
         inputs["g_in"] = to_io(spread(g_in), dtype).reshape(-1)[off:]
         inputs["g_out"] = to_io(spread(g_out), dtype).reshape(-1)[off:]
         params["has_gates"] = 1
-    out = emu.run(CASE[dtype], inputs, variant, params=params).outputs["y"]
+    out = emu.run(CASE[dtype], inputs, variant, sm=sm, params=params).outputs["y"]
     return from_io(out, dtype)
 
 

@@ -9,7 +9,7 @@ import pytest
 from flashconv.plan import fused_fft_size
 from python_ref.conv import fftconv as ref_fftconv
 from tests.emu import build as emu
-from tests.test_emu_fftconv import CASE, ROUND, from_io, rel_err, spectrum, to_io
+from tests.test_emu_fftconv import CASE, ROUND, from_io, rel_err, spectrum_inputs, to_io
 
 pytestmark = pytest.mark.emu
 
@@ -35,8 +35,7 @@ def test_fused_kernel_on_overlapping_windows(dtype, L, lk, P, gates):
         return to_io(p, dtype).reshape(-1)
 
     N = fused_fft_size(P)
-    K, k_exp = spectrum(k, P, N)
-    inputs = {"u": padded(u), "K": K, "k_exp": k_exp, "D": D.astype(np.float32)}
+    inputs = {"u": padded(u), **spectrum_inputs(k, P, N, dtype), "D": D.astype(np.float32)}
     params = {"B": nb, "H": H, "L": P, "N": N, "num_sms": 2, "has_D": 1,
               "u_sb": S, "u_sh": Lp, "u_st": 1}  # block j of channel h starts at h Lp + j S
     if gates:

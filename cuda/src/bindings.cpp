@@ -20,8 +20,10 @@ namespace flashconv {
 cudaError_t probe_launch(int* out, int n, cudaStream_t stream);
 cudaError_t fftconv_fwd(const FwdParams& p, int dtype, int num_sms, cudaStream_t stream);
 int64_t fftconv_fwd_max_n(int dtype);
+int64_t fftconv_fwd_smem(int dtype, int64_t N);
 cudaError_t fftconv_bwd(const BwdParams& p, int dtype, int num_sms, cudaStream_t stream);
 int64_t fftconv_bwd_max_n(int dtype);
+int64_t fftconv_bwd_smem(int dtype, int64_t N);
 cudaError_t fftconv_long_fwd(const FwdParams& p, cf32* ws, int64_t N1, int64_t N2, int dtype,
                              int num_sms, cudaStream_t stream);
 }
@@ -144,14 +146,17 @@ void run_kernel(const char* kernel, int dtype, int64_t N, int device, Launch&& l
 
 // The fused forward kernel on the caller's stream. Pointers are device addresses (0 for an
 // absent D or gate); strides are in elements; Python has validated everything.
+// K16 (bfloat16 only): the spectrum as fp16 in the tensor-core kernel's fragment order
+// (flashconv/spectrum.py: fragment_spectrum); 0 for the other dtypes.
 void fftconv_fwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t y, uintptr_t K,
-                 uintptr_t k_exp, uintptr_t D, int64_t B, int64_t H, int64_t L, int64_t N,
-                 Strides u_s, Strides gi_s, Strides go_s, Strides y_s, int dtype, int device,
-                 uintptr_t stream) {
+                 uintptr_t K16, uintptr_t k_exp, uintptr_t D, int64_t B, int64_t H, int64_t L,
+                 int64_t N, Strides u_s, Strides gi_s, Strides go_s, Strides y_s, int dtype,
+                 int device, uintptr_t stream) {
   flashconv::FwdParams p{};
   p.u = view(u, u_s), p.g_in = view(g_in, gi_s), p.g_out = view(g_out, go_s);
   p.y = mut_view(y, y_s);
-  p.spec = {as_ptr<const flashconv::cf32*>(K), as_ptr<const int32_t*>(k_exp)};
+  p.spec = {as_ptr<const flashconv::cf32*>(K), as_ptr<const int32_t*>(k_exp),
+            as_ptr<const uint16_t*>(K16)};
   p.D = as_ptr<const float*>(D);
   p.B = B, p.H = H, p.L = L, p.N = N;
   run_kernel("fftconv_fwd_kernel", dtype, N, device, [&](int sms) {
@@ -227,9 +232,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dg_out_strides"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
   m.def("fftconv_fwd", &fftconv_fwd, "Fused block-FFT convolution forward (see ops.py).",
         py::arg("u"), py::arg("g_in"), py::arg("g_out"), py::arg("y"), py::arg("K"),
-        py::arg("k_exp"), py::arg("D"), py::arg("B"), py::arg("H"), py::arg("L"), py::arg("N"),
-        py::arg("u_strides"), py::arg("g_in_strides"), py::arg("g_out_strides"),
+        py::arg("K16"), py::arg("k_exp"), py::arg("D"), py::arg("B"), py::arg("H"), py::arg("L"),
+        py::arg("N"), py::arg("u_strides"), py::arg("g_in_strides"), py::arg("g_out_strides"),
         py::arg("y_strides"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("fftconv_fwd_smem", &flashconv::fftconv_fwd_smem, py::arg("dtype"), py::arg("N"),
+        "Dynamic shared memory (bytes) of the fused forward launch at FFT size N.");
+  m.def("fftconv_bwd_smem", &flashconv::fftconv_bwd_smem, py::arg("dtype"), py::arg("N"),
+        "Dynamic shared memory (bytes) of the fused backward launch at FFT size N.");
   m.def("fftconv_long_fwd", &fftconv_long_fwd,
         "Two-level block-FFT convolution forward for long L (see flashconv/_long.py).",
         py::arg("u"), py::arg("g_in"), py::arg("g_out"), py::arg("y"), py::arg("K"),

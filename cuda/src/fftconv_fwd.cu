@@ -12,6 +12,15 @@ cudaError_t fftconv_fwd(const FwdParams& p, int dtype, int num_sms, cudaStream_t
   }
 }
 
+int64_t fftconv_fwd_smem(int dtype, int64_t N) {
+  switch (dtype) {
+    case kFloat32: return int64_t(fwd_smem_bytes<float>(N));
+    case kFloat16: return int64_t(fwd_smem_bytes<half_t>(N));
+    case kBFloat16: return int64_t(fwd_smem_bytes<bf16_t>(N));
+    default: return 0;
+  }
+}
+
 int64_t fftconv_fwd_max_n(int dtype) {
   switch (dtype) {
     case kFloat32: return kMaxFusedN<float>;

@@ -146,12 +146,21 @@ def fused_max_n(dtype, device_index, backward=False):
     if unavailable_reason() or dtype not in DTYPE_CODES:
         return 0
     max_n = kernel_max_n(dtype, backward)
-    bytes_per = 4 if dtype == "bfloat16" else 8  # complex fp16 (bf16 io) or fp32 on chip
-    rows = 2 if backward else 1  # the backward keeps two rows on chip
     smem = max_smem(device_index) - static_smem(backward)
-    while max_n and rows * max_n * bytes_per > smem:
+    while max_n and launch_smem(dtype, max_n, backward) > smem:
         max_n //= 2
     return max_n
+
+
+def launch_smem(dtype, n, backward=False):
+    """Dynamic shared memory (bytes) of a fused launch at FFT size n, as the extension says
+    (an extension without the query: one row of complex fp16 (bf16) or fp32, two for the
+    backward)."""
+    ext = _ext.extension()
+    query = getattr(ext, "fftconv_bwd_smem" if backward else "fftconv_fwd_smem", None)
+    if query is not None:
+        return int(query(DTYPE_CODES[dtype], int(n)))
+    return (2 if backward else 1) * int(n) * (4 if dtype == "bfloat16" else 8)
 
 
 class assume_gpu:

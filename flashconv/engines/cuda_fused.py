@@ -87,19 +87,23 @@ def kernel_spectrum(k, k_exponent, L, N, k_rev, io_dtype):
 
 
 def launch_forward(u, Kf, kexp, D, g_in, g_out):
-    """The fused forward kernel for a prepared (H, N, 2) float32 K: y (B, H, L)."""
+    """The fused forward kernel for a prepared (H, N, 2) float32 K: y (B, H, L). bfloat16 io
+    reads K as fp16 in the tensor-core kernel's fragment order (spectrum.fragment_spectrum,
+    made here on the device: 4N bytes per channel)."""
     import torch
 
     from flashconv import _ext
+    from flashconv.spectrum import fragment_spectrum
 
     B, H, L = u.shape
     N = int(Kf.shape[1])
+    K16 = fragment_spectrum(torch.view_as_complex(Kf)) if u.dtype == torch.bfloat16 else None
     Df = None if D is None else D.detach().to(torch.float32).contiguous()
     gi = None if g_in is None else g_in.detach().to(u.dtype)
     go = None if g_out is None else g_out.detach().to(u.dtype)
     y = torch.empty((B, H, L), dtype=u.dtype, device=u.device)
     _ext.extension().fftconv_fwd(
-        ptr(u), ptr(gi), ptr(go), ptr(y), ptr(Kf), ptr(kexp), ptr(Df), B, H, L, N,
+        ptr(u), ptr(gi), ptr(go), ptr(y), ptr(Kf), ptr(K16), ptr(kexp), ptr(Df), B, H, L, N,
         strides(u), strides(gi), strides(go), strides(y), _cuda.DTYPE_CODES[_name(u.dtype)],
         u.device.index, stream(u.device))
     return y

@@ -259,6 +259,11 @@ hw::Error fftconv_fwd(Io& io) {
   auto k_exp = io.in<int32_t>("k_exp");
   p.u = view3(io, u.ptr(), "u");
   p.spec = {reinterpret_cast<const flashconv::cf32*>(K.ptr()), k_exp.ptr()};
+  Array<uint16_t> K16;  // the bfloat16 kernel's fragment-order fp16 K (H, 2N)
+  if constexpr (std::is_same_v<T, hw::bf16_t>) {
+    K16 = io.in<uint16_t>("K16");
+    p.spec.K16 = K16.ptr();
+  }
   const Optional<T> opt(io, p.H, p.L);
   p.D = opt.D_ptr, p.g_in = opt.g_in, p.g_out = opt.g_out;
   auto& y = io.out<T>("y", {size_t(p.B), size_t(p.H), size_t(p.L)});
@@ -367,7 +372,8 @@ void write_counters(const std::string& path) {
       f << ", \"stg\": ";
       global(r.stg);
       f << ", \"barriers\": " << r.barriers << ", \"mma\": " << r.mma << ", \"shfl\": " << r.shfl
-        << ", \"warp_syncs\": " << r.warp_syncs << ", \"ld_rounds_dram\": " << r.ld_rounds_dram
+        << ", \"warp_syncs\": " << r.warp_syncs << ", \"entries\": " << r.entries
+        << ", \"ld_rounds_dram\": " << r.ld_rounds_dram
         << ", \"ld_rounds_l2\": " << r.ld_rounds_l2 << "}";
       rsep = ",";
     }

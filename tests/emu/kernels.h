@@ -310,12 +310,20 @@ FC_GLOBAL void counters_kernel(const float* __restrict__ x, float* __restrict__ 
     }
     hw::region("tail");  // 40 elements over 32 lanes: 2 instructions (32 + 8 lanes), 1 each
     for (int i = lane; i < 40; i += 32) acc += hw::lds(s + i);
-    hw::region("rounds");  // 3 iterations of 2 loads: 3 dependent rounds, first reads
-    for (int i = 0; i < 3; ++i)
+    hw::region("rounds");  // 3 iterations of 2 loads, each used (stored) before the next: 3 rounds
+    for (int i = 0; i < 3; ++i) {
       acc += hw::ldg(x + 1024 + 64 * i + lane, "x") + hw::ldg(x + 1024 + 64 * i + 32 + lane, "x");
+      hw::sts(s + lane, acc);
+    }
     hw::region("rounds_again");  // the same sectors again: 3 rounds, none a first read
-    for (int i = 0; i < 3; ++i)
+    for (int i = 0; i < 3; ++i) {
       acc += hw::ldg(x + 1024 + 64 * i + lane, "x") + hw::ldg(x + 1024 + 64 * i + 32 + lane, "x");
+      hw::sts(s + lane, acc);
+    }
+    hw::region("batched");  // 4 loads issued back to back, then used: 1 round
+    float v[4];
+    for (int i = 0; i < 4; ++i) v[i] = hw::ldg(x + 1536 + 128 * i + lane, "x");
+    for (int i = 0; i < 4; ++i) hw::sts(s + lane, acc += v[i]);
   }
   hw::region("store");  // both warps: 64 floats = 8 sectors, all first writes
   hw::stg(y + t, acc, "y");

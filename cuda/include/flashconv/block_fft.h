@@ -360,13 +360,21 @@ template <class S>
 FC_DEVICE void block_fft_forward(S* buf, int64_t N, const Plan& plan, const Dft16Fragments& F,
                                  int* overflow, bool causal = true) {
   const int ns = plan_stages(plan);
-  for (int i = 0; i < ns; ++i) {  // X = F_R @ X; X = X * tw (where a stage follows)
+  const int first16 = plan.r > 1 ? 1 : 0;
+  if (first16) {  // X = F_r @ X; X = X * tw  (the radix-r stage; a radix-16 one follows)
+    hw::region(stage_region(0, false));
+    const int64_t S0 = N / plan.r;
+    stage_any(buf, N, plan.r, S0, false, causal, F, Gains<S>::stage_scale(plan.r),
+              StoreShared<S>{buf, ns > 1 ? S0 : 0, N, false, overflow});
+    hw::sync_block();
+  }
+  for (int i = first16; i < ns; ++i) {  // X = F16 @ X; X = X * tw (where a stage follows)
     hw::region(stage_region(i, false));
     int R;
     int64_t Si;
     plan_stage(plan, N, i, R, Si);
-    stage_any(buf, N, R, Si, false, causal && i == 0, F, Gains<S>::stage_scale(R),
-              StoreShared<S>{buf, i + 1 < ns ? Si : 0, R * Si, false, overflow});
+    stage16(buf, N, Si, false, causal && i == 0, F,
+            StoreShared<S>{buf, i + 1 < ns ? Si : 0, 16 * Si, false, overflow});
     hw::sync_block();
   }
 }
@@ -384,8 +392,7 @@ FC_DEVICE void block_fft_inverse_but_last(S* buf, int64_t N, const Plan& plan,
     int Rp;
     int64_t Sp;
     plan_stage(plan, N, i - 1, Rp, Sp);
-    stage_any(buf, N, R, Si, true, false, F, Gains<S>::stage_scale(R),
-              StoreShared<S>{buf, Sp, Rp * Sp, true, overflow});
+    stage16(buf, N, Si, true, false, F, StoreShared<S>{buf, Sp, Rp * Sp, true, overflow});
     hw::sync_block();
   }
 }
@@ -393,28 +400,41 @@ FC_DEVICE void block_fft_inverse_but_last(S* buf, int64_t N, const Plan& plan,
 // The last inverse stage (stage 0): hands (time index n, re, im) to `out` for n < N/2 only --
 // the discarded half of the causal convolution is never produced -- unless `full` (negative
 // lags, n >= N/2, are wanted: the anti-causal kernel's gradient). Ends with a barrier.
-template <class S, class Out>
+// kReadBack (a kernel with several epilogues, so that each is inlined once): a radix-r stage
+// stores its outputs in place first (an fp16 overflow sets *overflow) and `out` reads them back.
+template <bool kReadBack = false, class S, class Out>
 FC_DEVICE void block_fft_inverse_last(S* buf, int64_t N, const Plan& plan, const Dft16Fragments& F,
-                                      const Out& out, bool full = false) {
+                                      const Out& out, bool full = false, int* overflow = nullptr) {
   hw::region(stage_region(0, true));  // with the caller's epilogue
-  int R;
-  int64_t S0;
-  plan_stage(plan, N, 0, R, S0);
   const int64_t limit = full ? N : N / 2;
-  stage_any(buf, N, R, S0, true, false, F, Gains<S>::stage_scale(R),
-            [&](int64_t n, float re, float im) {
-              if (n < limit) out(n, re, im);
-            });
+  if (kReadBack && plan.r > 1) {
+    stage_any(buf, N, plan.r, N / plan.r, true, false, F, Gains<S>::stage_scale(plan.r),
+              StoreShared<S>{buf, 0, 0, true, overflow});
+    hw::sync_block();
+    for (int64_t n = hw::thread_idx(); n < limit; n += hw::block_dim()) {
+      float re, im;
+      load_c(buf + n, re, im);
+      out(n, re, im);
+    }
+  } else {
+    int R;
+    int64_t S0;
+    plan_stage(plan, N, 0, R, S0);
+    stage_any(buf, N, R, S0, true, false, F, Gains<S>::stage_scale(R),
+              [&](int64_t n, float re, float im) {
+                if (n < limit) out(n, re, im);
+              });
+  }
   hw::sync_block();
 }
 
 // Inverse block FFT from Monarch order (unnormalised: times N and the stage gains), the last
 // stage handing its outputs to `out` as block_fft_inverse_last says. Ends with a barrier.
-template <class S, class Out>
+template <bool kReadBack = false, class S, class Out>
 FC_DEVICE void block_fft_inverse(S* buf, int64_t N, const Plan& plan, const Dft16Fragments& F,
                                  int* overflow, const Out& out, bool full = false) {
   block_fft_inverse_but_last(buf, N, plan, F, overflow);
-  block_fft_inverse_last(buf, N, plan, F, out, full);
+  block_fft_inverse_last<kReadBack>(buf, N, plan, F, out, full, overflow);
 }
 
 }  // namespace flashconv

@@ -112,7 +112,7 @@ FC_GLOBAL void fftconv_bwd_kernel(BwdParams p) {
       hw::sync_block();
       // 4. dx = IFFT(A) + D dz -> du = g_in dx, dg_in = u dx
       const float undo_dx = ldexpf(1.f, edz + kexp + trip);
-      block_fft_inverse(A, N, plan, F, &overflow, [&](int64_t t, float re, float im) {
+      block_fft_inverse<kTensorCores<T>>(A, N, plan, F, &overflow, [&](int64_t t, float re, float im) {
         if (t >= L) return;
         each_row(b0, p.B, re, im, [&](int64_t b, float v) {
           const float dx = v * undo_dx + (p.D ? d * dz_at(b, t) : 0.f);
@@ -127,7 +127,7 @@ FC_GLOBAL void fftconv_bwd_kernel(BwdParams p) {
         block_fft_forward(A, N, plan, F, &overflow);
         multiply_spectrum(A, K, N, false, &overflow);
         const float undo_z = ldexpf(1.f, ex + kexp + trip);
-        block_fft_inverse(A, N, plan, F, &overflow, [&](int64_t t, float re, float im) {
+        block_fft_inverse<kTensorCores<T>>(A, N, plan, F, &overflow, [&](int64_t t, float re, float im) {
           if (t >= L) return;
           each_row(b0, p.B, re, im, [&](int64_t b, float v) {
             const float z = v * undo_z + (p.D ? d * x_at(b, t) : 0.f);
@@ -140,7 +140,7 @@ FC_GLOBAL void fftconv_bwd_kernel(BwdParams p) {
       //    transforms, X and DZ, feed this one inverse: one more transform gain to undo.)
       const float undo_dk = ldexpf(1.f, ex + edz + trip + Gains<S>::transform_exp(plan));
       const bool rev = p.dk_rev != nullptr;
-      block_fft_inverse(Bf, N, plan, F, &overflow, [&](int64_t t, float re, float) {
+      block_fft_inverse<kTensorCores<T>>(Bf, N, plan, F, &overflow, [&](int64_t t, float re, float) {
         if (t < p.lk || (rev && N - t < p.lk_rev)) hw::sts(slot_float(Bf, t), re * undo_dk);
       }, rev);
       // An overflowed fp16 store was clamped: redo the pair at a smaller scale (outputs are

@@ -33,6 +33,7 @@
 #include "flashconv/block_fft.h"
 #include "flashconv/fftconv_common.h"
 #include "flashconv/fftconv_params.h"
+#include "flashconv/fwd_tc.h"
 #include "flashconv/hw.h"
 
 namespace flashconv {
@@ -41,8 +42,11 @@ namespace flashconv {
 template <class T>
 constexpr int64_t kMaxFusedN = kTensorCores<T> ? 32768 : 16384;
 
+// Dynamic shared memory of the forward launch at FFT size N (the smallest N for bfloat16 is
+// tc::kMinN: Python rounds N up to it).
 template <class T>
 constexpr size_t fwd_smem_bytes(int64_t N) {
+  if constexpr (kTensorCores<T>) return tc::smem_bytes(N);
   return size_t(N) * sizeof(StorageFor<T>);
 }
 
@@ -98,14 +102,19 @@ FC_GLOBAL void fftconv_fwd_kernel(FwdParams p) {
   }
 }
 
-// Launch on `stream` (grid: pair_grid). Python never asks for an unsupported size.
+// Launch on `stream` (grid: pair_grid). Python never asks for an unsupported size. bfloat16
+// goes to the tensor-core kernel of fwd_tc.h.
 template <class T>
 hw::Error fftconv_fwd_launch(const FwdParams& p, int num_sms, hw::Stream stream) {
-  if (p.N < 32 || p.N > kMaxFusedN<T> || (p.N & (p.N - 1)) || 2 * p.L > p.N || p.H > 0x7fffffff)
-    return hw::ErrorInvalidValue;
-  if (p.B == 0 || p.H == 0 || p.L == 0) return hw::Success;
-  return hw::launch(fftconv_fwd_kernel<T>, pair_grid(p.B, p.H, num_sms), kThreads,
-                    fwd_smem_bytes<T>(p.N), stream, p);
+  if constexpr (kTensorCores<T>) {
+    return fftconv_fwd_tc_launch(p, num_sms, stream);
+  } else {
+    if (p.N < 32 || p.N > kMaxFusedN<T> || (p.N & (p.N - 1)) || 2 * p.L > p.N || p.H > 0x7fffffff)
+      return hw::ErrorInvalidValue;
+    if (p.B == 0 || p.H == 0 || p.L == 0) return hw::Success;
+    return hw::launch(fftconv_fwd_kernel<T>, pair_grid(p.B, p.H, num_sms), kThreads,
+                      fwd_smem_bytes<T>(p.N), stream, p);
+  }
 }
 
 }  // namespace flashconv

@@ -25,10 +25,15 @@ struct MutView3 {
 };
 
 // The kernel spectrum every pass shares: (H, N) in the plan's Monarch order, scaled per
-// channel by 2^-k_exp[h] so that max |K| <= 1 (the tensor-core path stores fp16).
+// channel by 2^-k_exp[h] so that max |K| <= 1.
+//   K    complex fp32, Monarch order (the fp32-storage kernels)
+//   K16  fp16, the bfloat16 tensor-core forward's fragment order (flashconv/plan.py:
+//        fragment_order): per channel and 256-element group, 256 real parts then 256
+//        imaginary parts, each lane's 8 values contiguous; null where not used
 struct Spectrum {
   const cf32* K;
   const int32_t* k_exp;  // (H,)
+  const uint16_t* K16 = nullptr;
 };
 
 struct FwdParams {

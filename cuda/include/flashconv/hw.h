@@ -12,6 +12,7 @@
 //   FC_SHARED        static shared memory: __shared__, or on the CPU a function-local static,
 //                    which is "one per block" because blocks run one after another
 //   FC_UNROLL        #pragma unroll (nothing on the CPU)
+//   FC_LAUNCH_BOUNDS(threads, min_blocks)   __launch_bounds__ (nothing on the CPU)
 //   half_t, bf16_t   2-byte storage, bit-compatible with __half and __nv_bfloat16
 //   to_float(x), from_float<T>(f)   conversions; round to nearest even like __float2half_rn,
 //                    NaN becomes the canonical 0x7fff
@@ -25,7 +26,8 @@
 //   ldg(p, tensor), stg(p, v, tensor)   a global-memory load / store; `tensor` names what is
 //                    accessed ("u", "y", "K", ...) for the counters
 //   atomic_add(p, v[, tensor])      atomicAdd on a float in global memory
-//   region(name)     names the code that follows (until the next region call) for the counters
+//   region(name)     names the code that follows (until the next region call) for the counters;
+//                    FC_REGION(literal) does the same and marks the SASS in a lint build
 //   Site             where a call is made; every accessor takes one as a defaulted last
 //                    argument, and helpers that issue accesses for their caller pass theirs on
 //   sync_block_or(pred)   __syncthreads_or: a barrier that returns whether any thread's pred
@@ -39,6 +41,11 @@
 //                    or with .trans (2t, g), (2t+1, g); lower column or row in the low half
 //   movmatrix_trans(a)  movmatrix.sync.aligned.m8n8.trans.b16: the 8x8 matrix of 16-bit
 //                    elements held as fragments (lane (g, t): (g, 2t), (g, 2t+1)) transposed
+//   cp_async16(dst, src, tensor), cp_async_wait_all()   cp.async.cg of 16 bytes global ->
+//                    shared (both 16-byte aligned); wait_all commits and waits for this
+//                    thread's copies (other threads see them after a barrier)
+//   atomic_max_shared(p, v)   atomicMax on a uint32_t in shared memory
+//   float_bits(f), bits_float(u)   the bits of a float and back
 //   pack_half2(lo, hi), unpack_half2(v, lo, hi), pack_bf162(lo, hi)   two floats <-> two
 //                    16-bit values in one register (round to nearest even), lo in the low half
 //   mma_m16n8k16<T>(d, a, b, c)   mma.sync.aligned.m16n8k16.row.col.f32.{f16|bf16}.{..}.f32,
@@ -80,8 +87,8 @@
 //         written for the first time (what reaches DRAM when the launch's working set fits L2)
 //         and all sectors (L2 traffic), per tensor;
 //       per region: barriers, mma, shuffles, and the dependent global-load rounds of the
-//         slowest warp between barriers (a latency chain: loads of different sites in the same
-//         iteration overlap, iterations do not).
+//         slowest warp between barriers (a latency chain: a run of global loads issued back to
+//         back, with no other access or collective in between, is one round).
 //     emu::launches() holds one LaunchStats per launch; emu::write_json() prints them.
 #pragma once
 
@@ -99,12 +106,14 @@
 #define FC_HOST_DEVICE __host__ __device__ __forceinline__
 #define FC_SHARED __shared__
 #define FC_UNROLL _Pragma("unroll")
+#define FC_LAUNCH_BOUNDS(threads, min_blocks) __launch_bounds__(threads, min_blocks)
 #else
 #define FC_GLOBAL inline
 #define FC_DEVICE inline
 #define FC_HOST_DEVICE inline
 #define FC_SHARED static
 #define FC_UNROLL
+#define FC_LAUNCH_BOUNDS(threads, min_blocks)
 #endif
 
 namespace flashconv::hw {
@@ -189,6 +198,17 @@ template <class T>
 FC_DEVICE void stg(T* p, const T& v, const char*, Site = Site::current()) { *p = v; }
 
 FC_DEVICE int sync_block_or(int pred) { return __syncthreads_or(pred); }
+
+FC_DEVICE void cp_async16(void* dst, const void* src, const char*, Site = Site::current()) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+}
+FC_DEVICE void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+FC_DEVICE void atomic_max_shared(uint32_t* p, uint32_t v, Site = Site::current()) { atomicMax(p, v); }
+FC_DEVICE uint32_t float_bits(float f) { return __float_as_uint(f); }
+FC_DEVICE float bits_float(uint32_t u) { return __uint_as_float(u); }
 
 FC_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row, Site = Site::current()) {
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
@@ -375,6 +395,7 @@ struct RegionStats {
   SmemStats lds, sts;
   std::map<std::string, GlobalStats> ldg, stg;  // by tensor; atomics count as stores
   uint64_t barriers = 0, mma = 0, shfl = 0, warp_syncs = 0;
+  uint64_t entries = 0;  // warps entering the region (hw::region calls, per warp)
   // Latency chain: over blocks and barrier intervals, the slowest warp's dependent global-load
   // rounds, those touching a first-read sector (DRAM) and the others (L2).
   uint64_t ld_rounds_dram = 0, ld_rounds_l2 = 0;
@@ -499,9 +520,10 @@ enum : int { kRunning, kWaiting, kExited };
 
 // One recorded memory access of one thread (counters on).
 struct Access {
-  enum Kind : uint8_t { kLds, kSts, kLdg, kStg };
+  enum Kind : uint8_t { kLds, kSts, kLdg, kStg, kEnter };  // kEnter: hw::region
   const void* site;  // the call's source location (one static object per call site)
   unsigned block_round, warp_round;
+  unsigned load_run;  // global loads: the thread's run of back-to-back loads it belongs to
   uintptr_t addr;
   uint32_t bytes;
   Kind kind;
@@ -516,6 +538,8 @@ struct ThreadInfo {  // what a thread is doing, for the failure message
   std::atomic<int> line{0};
   unsigned block_round = 0, warp_round = 0;  // barrier rounds passed; the thread's own
   const char* region = "";                    // the counters' region (hw::region)
+  unsigned load_run = 0;                      // runs of global loads with nothing in between
+  bool in_load_run = false;
   std::vector<Access> accesses;               // recorded since the last block barrier
 };
 
@@ -680,6 +704,10 @@ inline void flush_counters(Block& b) {
     for (size_t g = 0; g < groups.size(); ++g) {
       const Access& a = *groups[g].first;
       emu::RegionStats& r = lc.stats.region(region_name(a.region));
+      if (a.kind == Access::kEnter) {
+        r.entries += 1;
+        continue;
+      }
       if (a.kind == Access::kLds || a.kind == Access::kSts) {
         emu::SmemStats& st = a.kind == Access::kLds ? r.lds : r.sts;
         st.instr += 1;
@@ -717,7 +745,7 @@ inline void flush_counters(Block& b) {
         }
       }
       if (load) {
-        bool& dram = rounds[{keys[g].block_round, keys[g].warp_round, region_name(a.region)}][keys[g].occurrence];
+        bool& dram = rounds[{keys[g].block_round, 0u, region_name(a.region)}][a.load_run];
         dram = dram || first_read;
       }
     }
@@ -766,6 +794,7 @@ void arrive(Barrier& bar, unsigned round, int expected, const char* op, bool sam
             const Where& at, Publish&& publish) {
   ThreadCtx& c = ctx();
   Block& b = *c.block;
+  b.info[c.tid].in_load_run = false;  // a collective uses what was loaded
   Barrier::Phase& p = bar.phase[round & 1];
   std::unique_lock lk(p.m);
   if (b.failed.load(std::memory_order_acquire)) throw Abort{};
@@ -951,6 +980,8 @@ inline Error run_grid(const void* fn, Grid grid, int threads, size_t smem_bytes,
         b.info[t].state.store(kRunning, std::memory_order_relaxed);
         b.info[t].block_round = b.info[t].warp_round = 0;
         b.info[t].region = "";
+        b.info[t].load_run = 0;
+        b.info[t].in_load_run = false;
       }
       start.wait();
       done.wait(&b);  // every thread has left the kernel
@@ -1042,15 +1073,20 @@ inline void record(const void* p, uint32_t bytes, Access::Kind kind, const char*
   if (!emu::config().counters) return;
   ThreadCtx& c = ctx();
   ThreadInfo& me = c.block->info[c.tid];
+  // A global load after anything else starts a new run: loads issued back to back are in
+  // flight together, and the first other access is taken to use them.
+  if (kind == Access::kLdg && !me.in_load_run) ++me.load_run;
+  if (kind != Access::kEnter) me.in_load_run = kind == Access::kLdg;
   me.accesses.push_back(Access{std::bit_cast<const void*>(at), me.block_round, me.warp_round,
-                               reinterpret_cast<uintptr_t>(p), uint32_t(bytes), kind, tensor,
-                               me.region});
+                               me.load_run, reinterpret_cast<uintptr_t>(p), uint32_t(bytes), kind,
+                               tensor, me.region});
 }
 }  // namespace detail
 
-inline void region(const char* name) {
+inline void region(const char* name, Site at = Site::current()) {
   detail::ThreadCtx& c = detail::ctx();
   c.block->info[c.tid].region = name;
+  detail::record(nullptr, 0, detail::Access::kEnter, nullptr, at);
 }
 
 template <class T>
@@ -1131,6 +1167,32 @@ inline uint32_t pack_bf162(float lo, float hi) {
   return uint32_t(detail::bf16_from_float(lo)) | (uint32_t(detail::bf16_from_float(hi)) << 16);
 }
 
+// cp.async: copied at once (a global load and a shared store for the counters; loads issued
+// back to back are one latency round, ended by the wait or any other access).
+inline void cp_async16(void* dst, const void* src, const char* tensor, Site at = Site::current()) {
+  detail::record(src, 16, detail::Access::kLdg, tensor, at);
+  detail::ThreadCtx& c = detail::ctx();
+  const bool run = c.block->info[c.tid].in_load_run;
+  detail::record(dst, 16, detail::Access::kSts, nullptr, at);
+  c.block->info[c.tid].in_load_run = run;  // the copy's own store does not use the load
+  std::memcpy(dst, src, 16);
+}
+inline void cp_async_wait_all() {
+  detail::ThreadCtx& c = detail::ctx();
+  c.block->info[c.tid].in_load_run = false;
+}
+inline uint32_t float_bits(float f) { return std::bit_cast<uint32_t>(f); }
+inline float bits_float(uint32_t u) { return std::bit_cast<float>(u); }
+
+// atomicMax on shared memory: a shared load and store for the counters.
+inline void atomic_max_shared(uint32_t* p, uint32_t v, Site at = Site::current()) {
+  detail::record(p, 4, detail::Access::kSts, nullptr, at);
+  std::atomic_ref<uint32_t> a(*p);
+  uint32_t cur = a.load(std::memory_order_relaxed);
+  while (cur < v && !a.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
+  }
+}
+
 // atomicAdd on global memory (relaxed: the kernel's end is what orders it for the host).
 // Counted as a store of 4 bytes.
 inline void atomic_add(float* p, float v, const char* tensor = "", Site at = Site::current()) {
@@ -1186,6 +1248,16 @@ inline Error launch(void (*kernel)(P...), Grid grid, int threads, size_t dyn_sme
 
 namespace flashconv::hw {
 
+// Id (0-15) of a counter region's name: FNV-1a, mod 16. FC_REGION(name) names the code that
+// follows (a string literal): hw::region under the emulation; under nvcc nothing, or with
+// -DFLASHCONV_REGION_MARKS a `pmevent id` (PMTRIG in SASS), which bench/model.py's lint build
+// uses to attribute static instructions to regions.
+FC_HOST_DEVICE constexpr uint32_t region_id(const char* s) {
+  uint32_t h = 2166136261u;
+  while (*s) h = (h ^ uint8_t(*s++)) * 16777619u;
+  return h & 15u;
+}
+
 // Two 16-bit values in one 32-bit register, lo in the low half (the lower column or row index
 // of an mma fragment pair).
 template <class T>
@@ -1200,3 +1272,11 @@ FC_HOST_DEVICE uint32_t pack2(float lo, float hi) {
 }
 
 }  // namespace flashconv::hw
+
+#if defined(__CUDACC__) && defined(FLASHCONV_REGION_MARKS)
+#define FC_REGION(name) asm volatile("pmevent %0;" ::"n"(::flashconv::hw::region_id(name)))
+#elif defined(__CUDACC__)
+#define FC_REGION(name) ((void)0)
+#else
+#define FC_REGION(name) ::flashconv::hw::region(name)
+#endif
