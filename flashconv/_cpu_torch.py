@@ -74,6 +74,12 @@ class Taps(NamedTuple):
 _TRIM_ROW_BYTES = 4 << 20  # rows of 1M float32 points and more: see _release
 
 
+def _trims(row_bytes):
+    """Whether a call with padded rows of row_bytes hands freed pages back (_release): rows of
+    _TRIM_ROW_BYTES and more, unless FLASHCONV_CPU_MEMORY raised the budget (speed first)."""
+    return row_bytes >= _TRIM_ROW_BYTES and _cpu.memory_scale() <= 1.0
+
+
 def _release(trim=True):
     """Freed long-row temporaries back to the system (flashconv/_memory.py): only for rows of
     _TRIM_ROW_BYTES and more, where the pages faulting in again cost a few percent of the
@@ -188,7 +194,7 @@ class _Spectra:
 
     def __init__(self, K, n, L, cdt, rows):
         self.K, self.n, self.L, self.cdt, self.rows = K, n, L, cdt, max(1, rows)
-        self.long = n * cdt.itemsize >= _TRIM_ROW_BYTES
+        self.long = _trims(n * cdt.itemsize)
         self.ctype = torch.complex128 if cdt == torch.float64 else torch.complex64
 
     def get(self, h0, h1):
@@ -284,7 +290,7 @@ def _conv_forward(u, K, n, D, g_in, g_out, cdt):
     cs = cdt.itemsize
     R, S = n * cs, (n // 2 + 1) * 2 * cs
     long = R >= _LONG_ROW_BYTES
-    trim = R >= _TRIM_ROW_BYTES
+    trim = _trims(R)
     # A row in flight holds two of (padded row, its transform, the inverse transform); a
     # single long row also MKL's workspace of a single transform (measured: 2 rows' worth).
     r, hg = plan(B, H, n, cs, _budget(u, _FWD_BUDGET), R + S, S if isinstance(K, Taps) else 0,
@@ -359,7 +365,7 @@ def _conv_backward(dy, u, K, n, lk, D, g_in, g_out, need_u, need_k, need_D, need
     need_dx = need_u or need_gin
     R, S = n * cs, (n // 2 + 1) * 2 * cs
     long = R >= _LONG_ROW_BYTES
-    trim = R >= _TRIM_ROW_BYTES
+    trim = _trims(R)
     # A row in flight holds at most three of (padded row, transforms, inverse transform): X
     # beside DZ and the padded dz row, or beside X K and its inverse; a group's channels hold
     # the correlation sum, conj(K) and (for dg_out) K.
