@@ -168,7 +168,7 @@ void fftconv_fwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t y, uint
 // the kernel adds into (Python zeroes them); dg_in / dg_out / dD / dk_rev are 0 when not
 // wanted (dk_rev: not a bidirectional convolution).
 void fftconv_bwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t dy, uintptr_t du,
-                 uintptr_t dg_in, uintptr_t dg_out, uintptr_t K, uintptr_t k_exp, uintptr_t D,
+                 uintptr_t dg_in, uintptr_t dg_out, uintptr_t K, uintptr_t K16, uintptr_t k_exp, uintptr_t D,
                  uintptr_t dk, uintptr_t dD, uintptr_t dk_rev, int64_t B, int64_t H, int64_t L,
                  int64_t N, int64_t lk, int64_t lk_rev, Strides u_s, Strides gi_s, Strides go_s, Strides dy_s,
                  Strides du_s, Strides dgi_s, Strides dgo_s, int dtype, int device,
@@ -177,7 +177,8 @@ void fftconv_bwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t dy, uin
   p.u = view(u, u_s), p.g_in = view(g_in, gi_s), p.g_out = view(g_out, go_s);
   p.dy = view(dy, dy_s);
   p.du = mut_view(du, du_s), p.dg_in = mut_view(dg_in, dgi_s), p.dg_out = mut_view(dg_out, dgo_s);
-  p.spec = {as_ptr<const flashconv::cf32*>(K), as_ptr<const int32_t*>(k_exp)};
+  p.spec = {as_ptr<const flashconv::cf32*>(K), as_ptr<const int32_t*>(k_exp),
+            as_ptr<const uint16_t*>(K16)};
   p.D = as_ptr<const float*>(D);
   p.dk = as_ptr<float*>(dk);
   p.dD = as_ptr<float*>(dD);
@@ -225,7 +226,7 @@ PYBIND11_MODULE(_C, m) {
         "Largest FFT size the fused backward kernel serves for a dtype code.");
   m.def("fftconv_bwd", &fftconv_bwd, "Fused block-FFT convolution backward (see ops.py).",
         py::arg("u"), py::arg("g_in"), py::arg("g_out"), py::arg("dy"), py::arg("du"),
-        py::arg("dg_in"), py::arg("dg_out"), py::arg("K"), py::arg("k_exp"), py::arg("D"),
+        py::arg("dg_in"), py::arg("dg_out"), py::arg("K"), py::arg("K16"), py::arg("k_exp"), py::arg("D"),
         py::arg("dk"), py::arg("dD"), py::arg("dk_rev"), py::arg("B"), py::arg("H"), py::arg("L"),
         py::arg("N"), py::arg("lk"), py::arg("lk_rev"), py::arg("u_strides"), py::arg("g_in_strides"), py::arg("g_out_strides"),
         py::arg("dy_strides"), py::arg("du_strides"), py::arg("dg_in_strides"),

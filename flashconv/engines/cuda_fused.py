@@ -86,6 +86,16 @@ def kernel_spectrum(k, k_exponent, L, N, k_rev, io_dtype):
     return torch.view_as_real(K), kexp
 
 
+def fragment_k(Kf, dtype):
+    """The bfloat16 tensor-core kernels' K16 (spectrum.fragment_spectrum of the (H, N, 2) float32
+    K, made on the device: 4N bytes per channel); None for the other dtypes."""
+    import torch
+
+    from flashconv.spectrum import fragment_spectrum
+
+    return fragment_spectrum(torch.view_as_complex(Kf)) if dtype == torch.bfloat16 else None
+
+
 def launch_forward(u, Kf, kexp, D, g_in, g_out):
     """The fused forward kernel for a prepared (H, N, 2) float32 K: y (B, H, L). bfloat16 io
     reads K as fp16 in the tensor-core kernel's fragment order (spectrum.fragment_spectrum,
@@ -93,11 +103,10 @@ def launch_forward(u, Kf, kexp, D, g_in, g_out):
     import torch
 
     from flashconv import _ext
-    from flashconv.spectrum import fragment_spectrum
 
     B, H, L = u.shape
     N = int(Kf.shape[1])
-    K16 = fragment_spectrum(torch.view_as_complex(Kf)) if u.dtype == torch.bfloat16 else None
+    K16 = fragment_k(Kf, u.dtype)
     Df = None if D is None else D.detach().to(torch.float32).contiguous()
     gi = None if g_in is None else g_in.detach().to(u.dtype)
     go = None if g_out is None else g_out.detach().to(u.dtype)
@@ -144,8 +153,9 @@ def backward(p, a, dy, mask):
     gi = None if g_in is None else g_in.detach().to(u.dtype)
     go = None if g_out is None else g_out.detach().to(u.dtype)
     dy = dy.to(u.dtype)
+    K16 = fragment_k(Kf, u.dtype)
     _ext.extension().fftconv_bwd(
-        ptr(u), ptr(gi), ptr(go), ptr(dy), ptr(du), ptr(dgi), ptr(dgo), ptr(Kf),
+        ptr(u), ptr(gi), ptr(go), ptr(dy), ptr(du), ptr(dgi), ptr(dgo), ptr(Kf), ptr(K16),
         ptr(kexp), ptr(Df), ptr(dk_acc), ptr(dD_acc), ptr(dkr_acc), B, H, L, N, lk, lkr,
         strides(u), strides(gi), strides(go), strides(dy), strides(du), strides(dgi),
         strides(dgo), _cuda.DTYPE_CODES[p.dtype], dev.index, stream(dev))

@@ -37,10 +37,11 @@ VARIANTS = {
              "-fno-omit-frame-pointer"],
 }
 # Builds with a test-only compile-time setting, not sanitizers (not run by test_emu.py's
-# variant sweep): "fp16limit8" lowers the fp16 store limit so the forward kernel's overflow
-# retry path runs on ordinary data.
+# variant sweep): "fp16limit8" lowers the fp16 store limit (fp32-stage kernels: a clamp and a
+# flag) and makes fp16 packing overflow to inf above 8 (tensor-core kernels), so the kernels'
+# overflow retry paths run on ordinary data.
 TEST_VARIANTS = {
-    "fp16limit8": ["-DFLASHCONV_FP16_STORE_LIMIT=8.0f"],
+    "fp16limit8": ["-DFLASHCONV_FP16_STORE_LIMIT=8.0f", "-DFLASHCONV_FP16_OVERFLOW_AT=8.0f"],
 }
 SANITIZER_ENV = {
     "TSAN_OPTIONS": "halt_on_error=0 exitcode=66",  # report every race, then fail the run

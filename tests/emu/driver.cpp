@@ -287,6 +287,11 @@ hw::Error fftconv_bwd(Io& io) {
   p.u = view3(io, u.ptr(), "u");
   p.dy = {dy.ptr(), p.H * p.L, p.L, 1};
   p.spec = {reinterpret_cast<const flashconv::cf32*>(K.ptr()), k_exp.ptr()};
+  Array<uint16_t> K16;  // the bfloat16 tensor-core kernels' fragment-order fp16 K
+  if constexpr (std::is_same_v<T, hw::bf16_t>) {
+    K16 = io.in<uint16_t>("K16");
+    p.spec.K16 = K16.ptr();
+  }
   auto& du = io.out<T>("du", bhl);
   p.du = dense3(du.ptr(), p.H, p.L);
   auto& dk = io.out<float>("dk", {size_t(p.H), size_t(p.lk)});

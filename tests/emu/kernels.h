@@ -101,7 +101,7 @@ hw::Error launch_mma_tile(const T* a, const T* b, const float* c, float* d, hw::
 }
 
 // ---------------------------------------------------------------- 256-point DFT on tensor cores
-// The block FFT of DESIGN.md section 3 with N1 = N2 = 16, one warp per complex row:
+// The block FFT of docs/kernels.md with N1 = N2 = 16, one warp per complex row:
 //   X[n1][n2] = x[16 n1 + n2];  Y = F16 @ X;  Y *= w256^(k1 n2);  Z = Y @ F16
 // leaves Z[k1][k2] = xhat[k1 + 16 k2] (Monarch order). Complex products are 4 real mma.
 // It uses every fragment role the FFT kernels need: the DFT matrix as A and as B, data as B,

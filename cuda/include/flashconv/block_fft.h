@@ -1,4 +1,4 @@
-// Block (Monarch) FFT stages on a complex row held in shared memory (DESIGN.md section 3).
+// Block (Monarch) FFT stages on a complex row held in shared memory (docs/kernels.md).
 //
 // Plan: N = r * 16^n16 with r in {1, 2, 4, 8}: (if r > 1) one radix-r stage first, then n16
 // radix-16 stages. Stage i (0-based) of radix R_i and stride S_i = N / (R_0 ... R_i) views each

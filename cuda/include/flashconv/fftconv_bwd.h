@@ -28,6 +28,7 @@
 #include <cstdint>
 
 #include "flashconv/block_fft.h"
+#include "flashconv/bwd_tc.h"
 #include "flashconv/fftconv_common.h"
 #include "flashconv/fftconv_params.h"
 #include "flashconv/hw.h"
@@ -37,8 +38,15 @@ namespace flashconv {
 template <class T>
 constexpr int64_t kMaxFusedBwdN = kTensorCores<T> ? 16384 : 8192;
 
+// The bfloat16 backward runs on tensor cores (bwd_tc.h) up to this size, the fp32-stage kernel
+// below above it (its two rows fit where bwd_tc.h's rows and stagings do not).
+constexpr int64_t kMaxTcBwdN = 8192;
+
+// Dynamic shared memory of the backward launch at FFT size N (bfloat16 on tensor cores: the size
+// with dg_out, the larger).
 template <class T>
 constexpr size_t bwd_smem_bytes(int64_t N) {
+  if (kTensorCores<T> && N <= kMaxTcBwdN) return tc::bwd_smem_bytes(N, true);
   return 2 * size_t(N) * sizeof(StorageFor<T>);
 }
 
@@ -168,12 +176,15 @@ FC_GLOBAL void fftconv_bwd_kernel(BwdParams p) {
 // Launch on `stream` (grid: pair_grid). dk and dD must be zeroed by the caller.
 template <class T>
 hw::Error fftconv_bwd_launch(const BwdParams& p, int num_sms, hw::Stream stream) {
+  if constexpr (kTensorCores<T>) {
+    if (p.N <= kMaxTcBwdN) return fftconv_bwd_tc_launch(p, num_sms, stream);
+  }
   if (p.N < 32 || p.N > kMaxFusedBwdN<T> || (p.N & (p.N - 1)) || 2 * p.L > p.N || p.lk > p.L ||
       p.lk_rev > p.L || (p.lk_rev > 0 && !p.dk_rev) || p.H > 0x7fffffff)
     return hw::ErrorInvalidValue;
   if (p.B == 0 || p.H == 0 || p.L == 0) return hw::Success;
   return hw::launch(fftconv_bwd_kernel<T>, pair_grid(p.B, p.H, num_sms), kThreads,
-                    bwd_smem_bytes<T>(p.N), stream, p);
+                    2 * size_t(p.N) * sizeof(StorageFor<T>), stream, p);
 }
 
 }  // namespace flashconv

@@ -15,7 +15,7 @@ constexpr int kThreads = 256;  // per CTA, both kernels
 
 // Tensor cores (and fp16 storage between stages) for bf16 io only: fp16 tensor-core
 // operands would cost fp16 outputs 2.3-3.3x their rounding error (python_ref's emulation),
-// beyond DESIGN section 6's 2x rule; fp32 io needs fp32 accuracy. Those run fp32 stages.
+// beyond the 2x allowed; fp32 io needs fp32 accuracy. Those run fp32 stages.
 template <class T>
 constexpr bool kTensorCores = std::is_same_v<T, bf16_t>;
 

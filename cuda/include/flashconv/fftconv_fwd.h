@@ -1,4 +1,4 @@
-// The fused block-FFT causal convolution, forward (DESIGN.md section 3):
+// The fused block-FFT causal convolution, forward (docs/kernels.md):
 //
 //   y[b,h,t] = g_out * ( sum_{s<=t} k[h,s] x[b,h,t-s] + D[h] x[b,h,t] ),  x = g_in * u
 //
@@ -22,7 +22,7 @@
 // the K product in fp32 registers. python_ref's emulation puts this at 1.03-1.08x the bf16
 // output-rounding error. fp32 and fp16 io: every stage in fp32 on CUDA cores with fp32
 // storage (8 bytes per complex: N <= 16K): fp16 tensor-core operands would cost fp16 outputs
-// 2.3-3.3x their rounding error (same emulation), beyond DESIGN section 6's 2x rule.
+// 2.3-3.3x their rounding error (same emulation), beyond twice the output rounding error.
 // Overflow: an fp16 store above 65504 sets a per-thread flag (OR-reduced per pair) and the
 // pair is recomputed with the input scaled down by a further 2^-12 (at most twice);
 // non-finite inputs propagate as they would in fp32.
@@ -46,7 +46,7 @@ constexpr int64_t kMaxFusedN = kTensorCores<T> ? 32768 : 16384;
 // tc::kMinN: Python rounds N up to it).
 template <class T>
 constexpr size_t fwd_smem_bytes(int64_t N) {
-  if constexpr (kTensorCores<T>) return tc::smem_bytes(N);
+  if constexpr (kTensorCores<T>) return tc::fwd_smem_bytes(N);
   return size_t(N) * sizeof(StorageFor<T>);
 }
 

@@ -1,5 +1,5 @@
-// The forward causal FFT convolution beyond the fused kernel's on-chip size (DESIGN.md
-// section 3, "Sizes" (a)): a two-level block FFT N = N1 * N2, N2 the inner size the on-chip
+// The forward causal FFT convolution beyond the fused kernel's on-chip size (docs/kernels.md,
+// "Beyond one CTA's shared memory"): a two-level block FFT N = N1 * N2, N2 the inner size the on-chip
 // stages handle (block_fft.h), N1 the outer factor, one outer stage through HBM.
 //
 //   y[b,h,t] = g_out * ( sum_{s<=t} k[h,s] x[b,h,t-s] + D[h] x[b,h,t] ),  x = g_in * u

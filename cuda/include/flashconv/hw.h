@@ -1157,6 +1157,10 @@ inline uint32_t movmatrix_trans(uint32_t a, const detail::Where& at = detail::Wh
 }
 
 inline uint32_t pack_half2(float lo, float hi) {
+#if defined(FLASHCONV_FP16_OVERFLOW_AT)  // tests: fp16 overflows (to inf) at this magnitude
+  auto cap = [](float v) { return std::fabs(v) > FLASHCONV_FP16_OVERFLOW_AT ? std::copysign(INFINITY, v) : v; };
+  lo = cap(lo), hi = cap(hi);
+#endif
   return uint32_t(detail::half_from_float(lo)) | (uint32_t(detail::half_from_float(hi)) << 16);
 }
 inline void unpack_half2(uint32_t v, float& lo, float& hi) {
