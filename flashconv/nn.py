@@ -13,6 +13,13 @@ use the same discretised SSM (see ``flashconv.ssm``).
 use: a second, anti-causal kernel k_rev adds ``sum_{s>=0} k_rev[h,s] u[t+s]`` (H3's
 convention, lag 0 counted by both kernels). It has no ``step()``: an output depends on
 inputs that a decoder has not seen yet.
+
+Sequence parallel: ``S4D(..., group=g)`` and ``H3(..., group=g)`` (or ``layer.group = g``)
+take each rank's piece of the sequences, (B, L_r, d_model), contiguous pieces in rank order
+over the torch.distributed group g, and return that piece of the output of the whole
+sequences (flashconv.distributed: the diagonal SSM by state passing with a scan of the
+ranks' states, H3's shift SSM by a halo of d_state - 1 inputs). Parameter gradients are then
+each rank's share: ``flashconv.distributed.reduce_gradients(layer, g)`` sums them.
 """
 from typing import NamedTuple
 
@@ -38,6 +45,12 @@ def _check_input(u, d_model, ndim=3):
     if u.dim() != ndim or u.shape[-1] != d_model:
         raise ValueError(f"u must have shape {shape} with d_model={d_model}, "
                          f"got {tuple(u.shape)}")
+
+
+def _check_whole(layer, what):
+    if getattr(layer, "group", None) is not None:
+        raise RuntimeError(f"{type(layer).__name__}.{what}() runs on whole sequences: set "
+                           f"layer.group = None for it (the layer is sequence parallel)")
 
 
 class S4D(nn.Module):
@@ -66,6 +79,9 @@ class S4D(nn.Module):
         glu: use the Linear(H, 2H) + GLU output; otherwise Linear(H, H).
         dt_min, dt_max, init, disc, lr: passed to :class:`~flashconv.ssm.S4DKernel`.
         bidirectional: add the anti-causal kernel k_rev (non-causal layer, no decoding).
+        group: a torch.distributed process group to run sequence parallel over: forward
+            takes this rank's piece (B, L_r, d_model) of the sequences (module docstring);
+            None (default): whole sequences. Causal layers only.
 
     Shapes:
         forward: u (B, L, d_model) -> y (B, L, d_model).
@@ -73,8 +89,13 @@ class S4D(nn.Module):
     """
 
     def __init__(self, d_model, d_state=64, dropout=0.0, glu=True, dt_min=1e-3,
-                 dt_max=1e-1, init="lin", disc="zoh", lr=None, bidirectional=False):
+                 dt_max=1e-1, init="lin", disc="zoh", lr=None, bidirectional=False,
+                 group=None):
         super().__init__()
+        if bidirectional and group is not None:
+            raise ValueError("S4D: a bidirectional layer cannot run sequence parallel (group=): "
+                             "its anti-causal kernel needs the inputs after each rank's piece")
+        self.group = group
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if not isinstance(bidirectional, bool):
@@ -123,10 +144,27 @@ class S4D(nn.Module):
         return flashconv.fftconv(x, k, self.D, k_rev=k_rev)
 
     def forward(self, u):
-        """u (B, L, d_model) -> (B, L, d_model)."""
+        """u (B, L, d_model) -> (B, L, d_model); with ``group``, this rank's piece of L."""
         _check_input(u, self.d_model)
-        y = self.conv(u.transpose(1, 2), *self.kernels(u.shape[1]))
+        if self.group is not None:
+            y = self._conv_sequence_parallel(u.transpose(1, 2))
+        else:
+            y = self.conv(u.transpose(1, 2), *self.kernels(u.shape[1]))
         return self._mix(y.transpose(1, 2))
+
+    def _conv_sequence_parallel(self, x):
+        """conv(x, k) + D x for this rank's piece x (B, H, L_r) of sequences split over
+        self.group: state passing with the ranks' states scanned (no length-L kernel)."""
+        from flashconv import distributed
+
+        if self.bidirectional:
+            raise RuntimeError("S4D: a bidirectional layer cannot run sequence parallel "
+                               "(group is set)")
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            x = x.to(torch.get_autocast_dtype(device_type))
+        dA, dB, C = self.kernel.discretize()
+        return distributed.ssm_conv(x, dA, dB, C, self.D, group=self.group)
 
     def _check_causal(self, what):
         if self.bidirectional:
@@ -143,6 +181,7 @@ class S4D(nn.Module):
     def prefill(self, u):
         """Run a prompt u (B, L, d_model): returns (forward(u), state after u)."""
         self._check_causal("prefill")
+        _check_whole(self, "prefill")
         return self.forward(u), self.kernel.state_from_inputs(u.transpose(1, 2))
 
     def step(self, u, state):
@@ -183,6 +222,9 @@ class H3(nn.Module):
         head_dim: head size d; must divide d_model.
         dt_min, dt_max, init, disc, lr: for the diagonal SSM's
             :class:`~flashconv.ssm.S4DKernel`.
+        group: a torch.distributed process group to run sequence parallel over: forward
+            takes this rank's piece (B, L_r, d_model) of the sequences (module docstring);
+            None (default): whole sequences.
 
     Shapes:
         forward: u (B, L, d_model) -> (B, L, d_model).
@@ -190,8 +232,9 @@ class H3(nn.Module):
     """
 
     def __init__(self, d_model, d_state=64, head_dim=1, dt_min=1e-3, dt_max=1e-1,
-                 init="lin", disc="zoh", lr=None):
+                 init="lin", disc="zoh", lr=None, group=None):
         super().__init__()
+        self.group = group
         if isinstance(head_dim, bool) or not isinstance(head_dim, int):
             raise TypeError(f"head_dim must be an int, got {type(head_dim).__name__}")
         if head_dim <= 0:
@@ -216,6 +259,8 @@ class H3(nn.Module):
         H, d = self.n_heads, self.head_dim
         # (B, d_model, L) each: fftconv's layout.
         q, k, v = (proj(u).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if self.group is not None:
+            return self._forward_sequence_parallel(q, k, v)
         k_shift = flashconv.fftconv(k, self.shift_kernel(L), self.D_shift)
         k_diag = self.kernel(L)  # (H, L)
         if d == 1:
@@ -233,8 +278,30 @@ class H3(nn.Module):
             y = torch.einsum("bhil,bijhl->bhjl", q.view(B, H, d, L), y).reshape(B, H * d, L)
         return self.output_linear(y.transpose(1, 2)), k, (k_shift, v, kv)
 
+    def _forward_sequence_parallel(self, q, k, v):
+        """_forward for this rank's piece of sequences split over self.group: the shift SSM
+        by distributed.fftconv (a halo of d_state - 1 keys), the diagonal SSM by
+        distributed.ssm_conv (states scanned across ranks)."""
+        from flashconv import distributed
+
+        B, _, L = q.shape
+        H, d = self.n_heads, self.head_dim
+        k_shift = distributed.fftconv(k, self.shift_kernel.C, self.D_shift, group=self.group)
+        dA, dB, C = self.kernel.discretize()
+        if d == 1:
+            y = q * distributed.ssm_conv(k_shift * v, dA, dB, C, self.D, group=self.group)
+        else:
+            kv = (k_shift.view(B, H, d, 1, L).permute(0, 2, 3, 1, 4)
+                  * v.view(B, H, 1, d, L).permute(0, 2, 3, 1, 4))
+            n = d * d
+            y = distributed.ssm_conv(kv.reshape(B, n * H, L), dA.repeat(n, 1), dB.repeat(n, 1),
+                                     C.repeat(n, 1), self.D.repeat(n), group=self.group)
+            y = y.view(B, d, d, H, L)
+            y = torch.einsum("bhil,bijhl->bhjl", q.view(B, H, d, L), y).reshape(B, H * d, L)
+        return self.output_linear(y.transpose(1, 2)), k, None
+
     def forward(self, u):
-        """u (B, L, d_model) -> (B, L, d_model)."""
+        """u (B, L, d_model) -> (B, L, d_model); with ``group``, this rank's piece of L."""
         return self._forward(u)[0]
 
     def allocate_state(self, batch):
@@ -245,6 +312,7 @@ class H3(nn.Module):
 
     def prefill(self, u):
         """Run a prompt u (B, L, d_model): returns (forward(u), H3State after u)."""
+        _check_whole(self, "prefill")
         y, k, (k_shift, v, kv) = self._forward(u)
         B, L, _ = u.shape
         if kv is None:
