@@ -337,10 +337,16 @@ def _finish(z, e, bad):
     return z
 
 
-def conv_forward(u, K, n, D=None, g_in=None, g_out=None, dtype=np.float32):
+def conv_forward(u, K, n, D=None, g_in=None, g_out=None, dtype=np.float32, activation="",
+                 dropout_mask=None):
     """y (B, H, L) in `dtype` from u (B, H, L) and K: a natural spectrum
     kernel_spectrum(k, L, n, dtype) or Taps(k, k_rev) (transformed here, a group of channels at
-    a time). u, D and the gates may be any real dtype and any strides; they are read once."""
+    a time). u, D and the gates may be any real dtype and any strides; they are read once.
+    activation, dropout_mask: the fused epilogue, y = g_out m act(z) (flashconv/_epilogue.py)."""
+    from flashconv._epilogue import mask3, np_apply
+
+    epi = bool(activation) or dropout_mask is not None
+    m3 = mask3(dropout_mask)
     B, H, L = u.shape
     out = np.empty((B, H, L), dtype)
     cs = np.dtype(dtype).itemsize
@@ -372,7 +378,10 @@ def conv_forward(u, K, n, D=None, g_in=None, g_out=None, dtype=np.float32):
                 o += z
             else:
                 o[...] = z
-            if g_out is not None:
+            if epi:
+                np_apply(o, activation, None if m3 is None else m3[sl],
+                         None if g_out is None else g_out[sl])
+            elif g_out is not None:
                 o *= g_out[sl]
 
         _run(row_chunks(B, g1 - g0, r), work, B * H * L)
@@ -431,7 +440,8 @@ class NpAccumulator:
 
 
 def conv_backward(dy, u, K, n, lk, D=None, g_in=None, g_out=None, dtype=np.float32,
-                  need_k=True, need_D=True, need_gates=True, lk_rev=0):
+                  need_k=True, need_D=True, need_gates=True, lk_rev=0, activation="",
+                  dropout_mask=None):
     """Gradients of conv_forward: dict with du, dk (H, lk), dD, dg_in, dg_out (or None),
     and dk_rev (H, lk_rev) for a bidirectional K (lk_rev > 0): the negative lags of the
     same correlation, irfft(sum_b X conj(DZ)). K as for conv_forward.
@@ -439,7 +449,14 @@ def conv_backward(dy, u, K, n, lk, D=None, g_in=None, g_out=None, dtype=np.float
     dk is the gradient for the first lk taps only (the caller zero-fills taps >= L). Each
     worker sums its own items' terms of dk in item order, and the workers' sums are added in
     worker order: the same input and thread count give the same bits.
+
+    With an activation or a dropout mask (flashconv/_epilogue.py) the pre-activation z is
+    recomputed from X (one more inverse FFT per row) and dz = dy g_out m act'(z).
     """
+    from flashconv._epilogue import mask3, np_grad
+
+    epi = bool(activation) or dropout_mask is not None
+    m3 = mask3(dropout_mask)
     B, H, L = u.shape
     du = np.empty((B, H, L), dtype)
     dg_in = np.empty((B, H, L), dtype) if (need_gates and g_in is not None) else None
@@ -453,13 +470,13 @@ def conv_backward(dy, u, K, n, lk, D=None, g_in=None, g_out=None, dtype=np.float
     R, S = n * cs, (n // 2 + 1) * 2 * cs
     nt = min(num_threads(), max(1, B * H))
     r, hg = plan(B, H, budget(u.size * u.dtype.itemsize, _BWD_BUDGET, _MIN_BUDGET), 2 * R + 2 * S,
-                 S * (1 + (dg_out is not None) + nt * need_k), nt * _speed_rows(n, cs))
+                 S * (1 + (dg_out is not None or epi) + nt * need_k), nt * _speed_rows(n, cs))
     r = max(1, r // nt) if r >= nt else 1
     spectra = _Spectra(K, n, L, dtype)
     for g0 in range(0, H, hg):
         g1 = min(H, g0 + hg)
         Kg, ek, kbad = spectra.get(g0, g1)
-        Kc = np.conj(Kg) if dg_out is not None else np.conj(Kg, out=Kg)
+        Kc = np.conj(Kg) if (dg_out is not None or epi) else np.conj(Kg, out=Kg)
         items = row_chunks(B, g1 - g0, r)
         accs = [None] * _workers(items, B * H * L)
 
@@ -470,30 +487,40 @@ def conv_backward(dy, u, K, n, lk, D=None, g_in=None, g_out=None, dtype=np.float
             uu = u[sl]
             x = uu if g_in is None else uu * g_in[sl]
             dyb = dy[sl]
-            dz = dyb if g_out is None else dyb * g_out[sl]
+            go = None if g_out is None else g_out[sl]
             eks = None if ek is None else ek[h0:h1]
             kbs = None if kbad is None else kbad[h0:h1]
-            DZ, edz, dzbad = _rfft_padded(dz, L, n, dtype)
-            xbad = None
-            if need_k or dg_out is not None:
+            xbad = X = ex = None
+            gate = go  # dz = dy * gate: g_out, or g_out m act'(z) with the epilogue
+            if need_k or dg_out is not None or epi:
                 X, ex, xbad = _rfft_padded(x, L, n, dtype)
-                if dg_out is not None:
-                    # dg_out = dy * z, z = conv(x, k) + D x: one more inverse FFT of X K.
+                if dg_out is not None or epi:
+                    # z = conv(x, k) + D x: one more inverse FFT of X K, for dg_out = dy * z
+                    # (dy m act(z) with the epilogue) and the epilogue's act'(z).
                     z = sfft.irfft(X * Kg[h0:h1], n=n, axis=-1)[..., :L]
                     _finish(z, _add(ex, eks), _or(xbad, kbs))
                     if D is not None:
                         z = z + x * D[hs, None]
-                    np.multiply(dyb, z, out=dg_out[sl])
+                    if epi:
+                        gate, gz = np_grad(z, dyb, activation, None if m3 is None else m3[sl],
+                                           go, dg_out is not None, dtype)
+                        if dg_out is not None:
+                            dg_out[sl] = gz
+                        del gz
+                    else:
+                        np.multiply(dyb, z, out=dg_out[sl])
                     del z
-                if need_k:
-                    if accs[w] is None:
-                        accs[w] = NpAccumulator((g1 - g0, n // 2 + 1), ctype)
-                    np.conjugate(X, out=X)
-                    X *= DZ
-                    accs[w].add(h0, h1, X, _add(ex, edz))
-                del X
             elif dD_rows is not None:  # the NaN rule for dD needs the rows of x too
                 xbad = np_exponents(np_amax(np.asarray(x, dtype)))[1]
+            dz = dyb if gate is None else dyb * gate
+            DZ, edz, dzbad = _rfft_padded(dz, L, n, dtype)
+            if need_k:
+                if accs[w] is None:
+                    accs[w] = NpAccumulator((g1 - g0, n // 2 + 1), ctype)
+                np.conjugate(X, out=X)
+                X *= DZ
+                accs[w].add(h0, h1, X, _add(ex, edz))
+            del X
             rb = _or(xbad, dzbad)
             if rb is not None:
                 ch_bad[hs] |= rb.any(axis=0)

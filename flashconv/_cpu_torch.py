@@ -268,24 +268,38 @@ def _as(t, cdt):
     return t if t.dtype == cdt else t.to(cdt)
 
 
-def conv_forward(u, K, n, D=None, g_in=None, g_out=None, cdt=None):
+def conv_forward(u, K, n, D=None, g_in=None, g_out=None, cdt=None, activation="",
+                 dropout_mask=None):
     """y (B, H, L) in u's dtype from u and K: a natural spectrum (H, n//2 + 1) (e.g.
     kernel_spectrum(k, L, n, cdt)) or Taps(k, k_rev) (transformed here, a group of channels
-    at a time); cdt: the compute dtype (default: K's). Any strides."""
+    at a time); cdt: the compute dtype (default: K's). Any strides. activation and
+    dropout_mask: the fused epilogue (flashconv/_epilogue.py), y = g_out m act(z)."""
     try:
-        return _conv_forward(u, K, n, D, g_in, g_out, cdt)
+        return _conv_forward(u, K, n, D, g_in, g_out, cdt, activation, dropout_mask)
     finally:
         _trim()
 
 
 def _x_again(u, g_in, sl, cdt):
     """x = g_in u of a chunk in cdt, formed again (long rows drop their padded buffer)."""
-    x = u[sl].to(cdt)
-    return x if g_in is None else x.mul_(g_in[sl])
+    if g_in is None:
+        return u[sl].to(cdt)
+    return u[sl].to(cdt, copy=True).mul_(g_in[sl])  # (a copy: u itself must not change)
 
 
-def _conv_forward(u, K, n, D, g_in, g_out, cdt):
+def _dz_again(dy, sl, gate, cdt):
+    """dz = dy * gate of a chunk in cdt, formed again (long rows drop their padded buffer)."""
+    if gate is None:
+        return dy[sl].to(cdt)
+    return dy[sl].to(cdt, copy=True).mul_(gate)
+
+
+def _conv_forward(u, K, n, D, g_in, g_out, cdt, activation="", dropout_mask=None):
+    from flashconv._epilogue import mask3, t_apply
+
     B, H, L = u.shape
+    epi = bool(activation) or dropout_mask is not None
+    m3 = mask3(dropout_mask)
     cdt = cdt or K.real.dtype
     cs = cdt.itemsize
     R, S = n * cs, (n // 2 + 1) * 2 * cs
@@ -329,7 +343,10 @@ def _conv_forward(u, K, n, D, g_in, g_out, cdt):
                 z.masked_fill_(bad, nan)
             if Dc is not None:
                 z.addcmul_(_x_again(u, g_in, sl, cdt) if x0 is None else x0, Dc[sl[1]])
-            if g_out is not None:
+            if epi:
+                z = t_apply(z, activation, None if m3 is None else m3[sl],
+                            None if g_out is None else g_out[sl])
+            elif g_out is not None:
                 z.mul_(g_out[sl])
             out[sl].copy_(z)
             del z, x0
@@ -339,22 +356,29 @@ def _conv_forward(u, K, n, D, g_in, g_out, cdt):
 
 def conv_backward(dy, u, K, n, lk, D=None, g_in=None, g_out=None, need_u=True, need_k=True,
                   need_D=True, need_gin=True, need_gout=True, lk_rev=0, cdt=None,
-                  kdtypes=(None, None)):
+                  kdtypes=(None, None), activation="", dropout_mask=None):
     """Gradients of conv_forward: (du, dk (H, lk), dD, dg_in, dg_out, dk_rev (H, lk_rev)),
     None where not asked for or absent; du/dg_* in their input's dtype, dD in the compute
     dtype, dk/dk_rev in kdtypes (default: the compute dtype; each group's rows are rounded
     into them as they are done, so no (H, lk) compute-dtype copy is held). The caller
-    zero-fills taps >= L. K as for conv_forward."""
+    zero-fills taps >= L. K as for conv_forward. With an activation or a dropout mask the
+    pre-activation z is recomputed from the rows' transform (one more inverse FFT per row,
+    the one dg_out takes anyway) and dz = dy g_out m act'(z)."""
     try:
         return _conv_backward(dy, u, K, n, lk, D, g_in, g_out, need_u, need_k, need_D,
-                              need_gin, need_gout, lk_rev, cdt, kdtypes)
+                              need_gin, need_gout, lk_rev, cdt, kdtypes, activation,
+                              dropout_mask)
     finally:
         _trim()
 
 
 def _conv_backward(dy, u, K, n, lk, D, g_in, g_out, need_u, need_k, need_D, need_gin,
-                   need_gout, lk_rev, cdt, kdtypes):
+                   need_gout, lk_rev, cdt, kdtypes, activation="", dropout_mask=None):
+    from flashconv._epilogue import mask3, t_grad
+
     B, H, L = u.shape
+    epi = bool(activation) or dropout_mask is not None
+    m3 = mask3(dropout_mask)
     cdt = cdt or K.real.dtype
     ctype = torch.complex128 if cdt == torch.float64 else torch.complex64
     cs = cdt.itemsize
@@ -363,14 +387,16 @@ def _conv_backward(dy, u, K, n, lk, D, g_in, g_out, need_u, need_k, need_D, need
     need_D = need_D and D is not None
     need_corr = need_k or lk_rev > 0
     need_dx = need_u or need_gin
+    need_z = need_gout or epi  # the pre-activation z (recomputed: one more inverse FFT)
     R, S = n * cs, (n // 2 + 1) * 2 * cs
     long = R >= _LONG_ROW_BYTES
+    late = long or epi  # dz formed after X (and z): the epilogue's dz needs z
     trim = _trims(R)
     # A row in flight holds at most three of (padded row, transforms, inverse transform): X
     # beside DZ and the padded dz row, or beside X K and its inverse; a group's channels hold
     # the correlation sum, conj(K) and (for dg_out) K.
     per_row = R + 2 * S
-    per_channel = S * (need_corr + need_dx + need_gout)
+    per_channel = S * (need_corr + need_dx + need_z)
     r, hg = plan(B, H, n, cs, _budget(u, _BWD_BUDGET), per_row, per_channel,
                  single=2 * R if long else 0)
     spectra = _Spectra(K, n, L, cdt, r)
@@ -386,11 +412,11 @@ def _conv_backward(dy, u, K, n, lk, D, g_in, g_out, need_u, need_k, need_D, need
     for g0 in range(0, H, hg):
         g1 = min(H, g0 + hg)
         Kg = Kc = ek = kbad = None
-        if need_dx or need_gout:
+        if need_dx or need_z:
             Kg, ek, kbad, fresh = spectra.get(g0, g1)
             if need_dx:
-                Kc = Kg.conj_physical_() if (fresh and not need_gout) else Kg.conj_physical()
-            if not need_gout:
+                Kc = Kg.conj_physical_() if (fresh and not need_z) else Kg.conj_physical()
+            if not need_z:
                 Kg = None
         acc = TorchAccumulator((g1 - g0, n // 2 + 1), ctype) if need_corr else None
         for b0, b1, h0, h1 in _cpu.row_chunks(B, g1 - g0, r):
@@ -400,26 +426,29 @@ def _conv_backward(dy, u, K, n, lk, D, g_in, g_out, need_u, need_k, need_D, need
             kbs = None if kbad is None else kbad[h0:h1]
             gi = None if g_in is None else g_in[sl]
             go = None if g_out is None else g_out[sl]
+            mk = None if m3 is None else m3[sl]
+            dzg = go  # the factor of dy in dz (g_out, or g_out m act'(z) with the epilogue)
             # Short rows: both padded rows in the kept buffers, read again for D x, D dz, dD.
             # Long rows: fresh buffers, each dropped after its transform; x and dz formed
             # again where needed.
             xp, x = _padded("x", u[sl], n, cdt, gi)
             dzp = dz = None
-            if not long:
+            if not late:
                 dzp, dz = _padded("dz", dy[sl], n, cdt, go)
                 if need_D:
                     dD_rows[sl] = torch.sum(dz * x, dim=-1, dtype=torch.float64)
             ex, xbad = t_exponents(t_amax(x))
             x0 = None if long else x
             if ex is not None:
-                if not long and need_gout and Dc is not None:
+                if not long and need_z and Dc is not None:
                     x0 = x.clone()
                 t_scale(x, -ex)
-            X = torch.fft.rfft(xp) if (need_corr or need_gout) else None
+            X = torch.fft.rfft(xp) if (need_corr or need_z) else None
             del xp, x
             _release(trim)
-            if need_gout:
-                # dg_out = dy * z, z = conv(x, k) + D x: one more inverse FFT, of X K.
+            if need_z:
+                # z = conv(x, k) + D x: one more inverse FFT, of X K. dg_out = dy * z, or
+                # with the epilogue dy m act(z), and dz's factor g_out m act'(z).
                 z = torch.fft.irfft(X * Kg[h0:h1], n=n)[..., :L]
                 t_scale(z, _add(ex, eks))
                 bad = _or(xbad, kbs)
@@ -427,11 +456,17 @@ def _conv_backward(dy, u, K, n, lk, D, g_in, g_out, need_u, need_k, need_D, need
                     z.masked_fill_(bad, nan)
                 if Dc is not None:
                     z.addcmul_(_x_again(u, g_in, sl, cdt) if x0 is None else x0, Dc[hs])
-                dgo[sl].copy_(z.mul_(dy[sl]))
+                if epi:
+                    dzg, gz = t_grad(z, dy[sl], activation, mk, go, need_gout)
+                    if need_gout:
+                        dgo[sl].copy_(gz)
+                    del gz
+                else:
+                    dgo[sl].copy_(z.mul_(dy[sl]))
                 del z
                 _release(trim)
-            if long:
-                dzp, dz = _padded("dz", dy[sl], n, cdt, go)
+            if late:
+                dzp, dz = _padded("dz", dy[sl], n, cdt, dzg)
                 if need_D:
                     dD_rows[sl] = torch.sum(dz * _x_again(u, g_in, sl, cdt), dim=-1,
                                             dtype=torch.float64)
@@ -463,7 +498,7 @@ def _conv_backward(dy, u, K, n, lk, D, g_in, g_out, need_u, need_k, need_D, need
                 if bad is not None:
                     dx.masked_fill_(bad, nan)
                 if Dc is not None:
-                    dx.addcmul_(_x_again(dy, g_out, sl, cdt) if dz0 is None else dz0, Dc[hs])
+                    dx.addcmul_(_dz_again(dy, sl, dzg, cdt) if dz0 is None else dz0, Dc[hs])
                 if need_gin:
                     dgi[sl].copy_(dx * u[sl])
                 if need_u:
@@ -471,7 +506,7 @@ def _conv_backward(dy, u, K, n, lk, D, g_in, g_out, need_u, need_k, need_D, need
                         dx.mul_(gi)
                     du[sl].copy_(dx)
                 del dx
-            del DZ, x0, dz0
+            del DZ, x0, dz0, dzg
             _release(trim)
         Kg = Kc = None
         if need_corr:

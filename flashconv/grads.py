@@ -1,6 +1,8 @@
 """The gradient formulas of fftconv, stated once.
 
     forward:   x = g_in u,   z = conv(x, k) + D x,   y = g_out z
+               (with the fused epilogue: y = g_out m act(z), flashconv/_epilogue.py; then
+                dz = dy g_out m act'(z) and dg_out = dy m act(z) below, z recomputed)
                conv(x, k)[t] = sum_{s>=0} k[s] x[t-s]  (+ sum_{s>=0} k_rev[s] x[t+s])
 
     backward:  dz = g_out dy
@@ -41,7 +43,7 @@ def zero_grads(u, k, D, g_in, g_out, mask, k_rev=None):
 
 
 def compose_backward(dy, u, k, D, g_in, g_out, k_rev, mask, cdt, *, conv, adjoint, correlate,
-                     channels_per_chunk=None):
+                     channels_per_chunk=None, activation="", dropout_mask=None):
     """(du, dk, dD, dg_in, dg_out, dk_rev) by the formulas above (None where mask is False).
 
     Primitives, each on the channels h (a slice) of (B, h, L) tensors in the compute dtype
@@ -50,9 +52,17 @@ def compose_backward(dy, u, k, D, g_in, g_out, k_rev, mask, cdt, *, conv, adjoin
       adjoint(dz, h)       its adjoint: sum_s k[s] dz[t+s] (+ k_rev's lags)
       correlate(x, dz, h)  (dk (h, lk), dk_rev (h, lk_rev) or None): the used taps' gradients
                            (dk_rev only when k_rev is given and wanted)
-    channels_per_chunk bounds the float32 intermediates (None: all channels at once)."""
+    channels_per_chunk bounds the float32 intermediates (None: all channels at once).
+
+    activation / dropout_mask: the fused epilogue (flashconv/_epilogue.py), y = g_out * m *
+    act(z): z is recomputed (one more conv per row) and dz = dy g_out m act'(z),
+    dg_out = dy m act(z)."""
     import torch
 
+    from flashconv._epilogue import mask3, t_grad
+
+    epi = bool(activation) or dropout_mask is not None
+    m3 = mask3(dropout_mask)
     need_u, need_k, need_D, need_gi, need_go, need_kr = mask
     B, H, L = (int(s) for s in u.shape)
 
@@ -70,8 +80,20 @@ def compose_backward(dy, u, k, D, g_in, g_out, k_rev, mask, cdt, *, conv, adjoin
         h = slice(h0, min(H, h0 + hc))
         rows = (slice(None), h)
         x = u[rows].to(cdt) if g_in is None else u[rows].to(cdt) * g_in[rows].to(cdt)
-        dz = dy[rows].to(cdt) if g_out is None else dy[rows].to(cdt) * g_out[rows].to(cdt)
         Dc = None if D is None else D[h].to(cdt).unsqueeze(-1)
+        if epi:
+            z = conv(x, h)
+            if Dc is not None:
+                z = z + x * Dc
+            gate, gz = t_grad(z, dy[rows], activation, None if m3 is None else m3[rows],
+                              None if g_out is None else g_out[rows], need_go)
+            del z
+            dz = dy[rows].to(cdt) if gate is None else gate.mul_(dy[rows])
+            if need_go:
+                dgo[rows] = gz
+            del gate, gz
+        else:
+            dz = dy[rows].to(cdt) if g_out is None else dy[rows].to(cdt) * g_out[rows].to(cdt)
         if need_u or need_gi:
             dx = adjoint(dz, h)
             if Dc is not None:
@@ -81,7 +103,7 @@ def compose_backward(dy, u, k, D, g_in, g_out, k_rev, mask, cdt, *, conv, adjoin
             if need_gi:
                 dgi[rows] = dx * u[rows].to(cdt)
             del dx
-        if need_go:
+        if need_go and not epi:
             z = conv(x, h)
             if Dc is not None:
                 z = z + x * Dc

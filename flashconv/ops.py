@@ -283,7 +283,41 @@ def _check_kernel(name, k, kind, H, who):
     _check_dtype(name, k, kind, who)
 
 
-def _validate(u, k, D, g_in, g_out, who="fftconv", k_rev=None):
+def _activation(activation, who):
+    """The activation's canonical name: "" (none), "gelu" or "silu"."""
+    from flashconv._epilogue import ACTIVATIONS
+
+    if activation is None or activation == "":
+        return ""
+    if not isinstance(activation, str):
+        raise TypeError("%s: activation must be None, 'gelu' or 'silu' (a string), got %s"
+                        % (who, _type_name(activation)))
+    name = activation.lower()
+    if name not in ACTIVATIONS:
+        raise ValueError("%s: activation must be None, 'gelu' or 'silu', got %r"
+                         % (who, activation))
+    return name
+
+
+def _check_mask(m, u, kind, who):
+    """dropout_mask: (B, H) or (B, H, L), a real float array of u's kind and device."""
+    if m is None:
+        return
+    B, H, L = _shape(u)
+    want = "(B, H) = %s or (B, H, L) = %s" % ((B, H), (B, H, L))
+    if _kind(m) != kind:
+        raise TypeError("%s: dropout_mask must be a %s like u, of shape %s, got %s" % (
+            who, "torch.Tensor" if kind == "torch" else "numpy.ndarray", want, _type_name(m)))
+    if _shape(m) not in ((B, H), (B, H, L)):
+        raise ValueError("%s: dropout_mask must have shape %s, got shape %s"
+                         % (who, want, _shape(m)))
+    _check_dtype("dropout_mask", m, kind, who)
+    if kind == "torch" and m.device != u.device:
+        raise ValueError("%s: dropout_mask is on %s but u is on %s; all inputs must be on one "
+                         "device" % (who, m.device, u.device))
+
+
+def _validate(u, k, D, g_in, g_out, who="fftconv", k_rev=None, dropout_mask=None):
     """Check shapes, dtypes, array kinds and devices; raise TypeError/ValueError naming the argument."""
     kind = _kind(u)
     if kind is None:
@@ -334,6 +368,7 @@ def _validate(u, k, D, g_in, g_out, who="fftconv", k_rev=None):
                                  "device" % (who, name, arr.device, dev))
         if isinstance(k, KernelSpectrum) and k.device != str(dev):
             raise ValueError("%s: k was prepared on %s but u is on %s" % (who, k.device, dev))
+    _check_mask(dropout_mask, u, kind, who)
     return kind
 
 
@@ -349,11 +384,14 @@ def _validate_dy(dy, u, kind, who):
                          % (who, dy.device, u.device))
 
 
-def fftconv(u, k, D=None, *, g_in=None, g_out=None, k_rev=None):
+def fftconv(u, k, D=None, *, g_in=None, g_out=None, k_rev=None, activation=None,
+            dropout_mask=None):
     """Causal (linear) convolution of u with k along the last axis, fused with skip and gates.
 
-    ``y = g_out * (causal_conv(x, k) + D * x)`` with ``x = g_in * u``: a drop-in for the
-    ``fftconv_ref(u, k, D)`` of the H3 / Hyena / S4 code bases (which is this with no gates).
+    ``y = g_out * (causal_conv(x, k) + D * x)`` with ``x = g_in * u``; with the epilogue
+    ``y = g_out * dropout_mask * act(causal_conv(x, k) + D * x)``. With Lk <= L this is the
+    ``fftconv_ref(u, k, D, dropout_mask, gelu)`` of H3 / safari (no gates); their exact
+    signature, long-k wrap-around and dtype rules are in flashconv.compat.
 
     Args:
         u: (B, H, L) torch.Tensor (float32, float16, bfloat16 or float64; CPU or CUDA)
@@ -366,7 +404,13 @@ def fftconv(u, k, D=None, *, g_in=None, g_out=None, k_rev=None):
         k_rev: optional (H, Lk_rev) anti-causal kernel: a bidirectional (non-causal)
             convolution, as LRA models use, adds sum_{s>=0} k_rev[h,s] x[b,h,t+s] inside
             the bracket (H3's fftconv_ref k_rev: spectrum rfft(k) + conj(rfft(k_rev))).
-        k, D, the gates and k_rev are arrays of the same type as u (and on its device).
+        activation: None, "gelu" (exact, erf form, as torch's F.gelu) or "silu", applied to
+            conv + D x in float32 (float64 for float64 u) before the output is rounded.
+        dropout_mask: optional (B, H) mask (H3's convention: broadcast over t) or (B, H, L),
+            multiplied after the activation as given (scale it by 1 / (1 - p) yourself, as
+            ``F.dropout(torch.ones(B, H), p)`` does). It gets no gradient.
+        k, D, the gates, k_rev and dropout_mask are arrays of the same type as u (and on its
+        device).
 
     Returns:
         y (B, H, L) of u's dtype and array type. float16/bfloat16 inputs are computed in
@@ -395,25 +439,39 @@ def fftconv(u, k, D=None, *, g_in=None, g_out=None, k_rev=None):
 
     Raises:
         TypeError: non-floating or complex dtypes, mixed array types.
-        ValueError: wrong shapes, mixed devices, a KernelSpectrum for another L or H.
+        ValueError: wrong shapes, mixed devices, a KernelSpectrum for another L or H, an
+            unknown activation, a dropout_mask not (B, H) or (B, H, L).
         flashconv.NoEngineError: no engine of a restricted set (use_engines,
             FLASHCONV_ENGINES) serves the call.
     """
+    activation = _activation(activation, "fftconv")
     if _is_dlpack(u):
-        return _fftconv_dlpack(u, k, D, g_in, g_out, k_rev)
-    kind = _validate(u, k, D, g_in, g_out, k_rev=k_rev)
+        return _fftconv_dlpack(u, k, D, g_in, g_out, k_rev, dropout_mask, activation)
+    kind = _validate(u, k, D, g_in, g_out, k_rev=k_rev, dropout_mask=dropout_mask)
     if kind == "numpy":
-        p, a = _numpy_problem(u, k, D, g_in, g_out, k_rev)
+        p, a = _numpy_problem(u, k, D, g_in, g_out, k_rev, dropout_mask=dropout_mask,
+                              activation=activation)
         return dispatch.run_forward(p, a)
     k, k_exponent, n = _op_kernel(k)
-    op = _torch_op().fftconv
-    if k_rev is None:  # (keeps the traced graph free of an unused argument)
-        return op(u, k, D, g_in, g_out, k_exponent, n)
-    return op(u, k, D, g_in, g_out, k_exponent, n, k_rev)
+    return _torch_op().fftconv(*_op_args(u, k, D, g_in, g_out, k_exponent, n, k_rev,
+                                         dropout_mask, activation))
 
 
-def fftconv_backward(dy, u, k, D=None, g_in=None, g_out=None, k_rev=None):
-    """Gradients of ``y = fftconv(u, k, D, g_in=g_in, g_out=g_out)`` for an upstream dy.
+def _op_args(u, k, D, g_in, g_out, k_exponent, n, k_rev, dropout_mask, activation):
+    """The forward operator's arguments, trailing defaults left off (keeps the traced graph
+    free of unused arguments)."""
+    args = (u, k, D, g_in, g_out, k_exponent, n)
+    if activation:
+        return args + (k_rev, dropout_mask, activation)
+    if dropout_mask is not None:
+        return args + (k_rev, dropout_mask)
+    return args if k_rev is None else args + (k_rev,)
+
+
+def fftconv_backward(dy, u, k, D=None, g_in=None, g_out=None, k_rev=None, *, activation=None,
+                     dropout_mask=None):
+    """Gradients of ``y = fftconv(u, k, D, g_in=g_in, g_out=g_out, k_rev=k_rev,
+    activation=activation, dropout_mask=dropout_mask)`` for an upstream dy.
 
     The functional backward, for array types without autograd (numpy, CuPy and other
     DLPack arrays) and for torch tensors outside autograd. dy has u's shape and array
@@ -423,24 +481,30 @@ def fftconv_backward(dy, u, k, D=None, g_in=None, g_out=None, k_rev=None):
         dict with keys "du", "dk", "dD", "dg_in", "dg_out" and "dk_rev" (the keys of
         python_ref.conv.fftconv_grads): each gradient has its input's shape, dtype and
         array type; None where the input is None, and "dk" is None when k is a
-        KernelSpectrum. dk (and dk_rev) is zero for taps >= L.
+        KernelSpectrum. dk (and dk_rev) is zero for taps >= L. The dropout mask gets no
+        gradient (no key). With an activation or a mask the pre-activation value is
+        recomputed from the transform of x the backward takes anyway (one more inverse FFT
+        per row when dg_out is not wanted; none more when it is).
 
     numpy arrays go to the engine table directly; torch tensors call the operator
     ``torch.ops.flashconv.fftconv_bwd`` (not differentiable again), which runs the same table;
     DLPack arrays run it zero-copy on the caller's current CuPy stream, as fftconv() does.
     """
+    activation = _activation(activation, "fftconv_backward")
     if _is_dlpack(u):
-        return _backward_dlpack(dy, u, k, D, g_in, g_out, k_rev)
-    kind = _validate(u, k, D, g_in, g_out, who="fftconv_backward", k_rev=k_rev)
+        return _backward_dlpack(dy, u, k, D, g_in, g_out, k_rev, dropout_mask, activation)
+    kind = _validate(u, k, D, g_in, g_out, who="fftconv_backward", k_rev=k_rev,
+                     dropout_mask=dropout_mask)
     _validate_dy(dy, u, kind, "fftconv_backward")
     if kind == "numpy":
-        p, a = _numpy_problem(u, k, D, g_in, g_out, k_rev, "backward")
+        p, a = _numpy_problem(u, k, D, g_in, g_out, k_rev, "backward", dropout_mask, activation)
         grads = dispatch.run_backward(p, a, dy)
         return dict(zip(_GRAD_KEYS, grads))
-    return _backward_torch(dy, u, k, D, g_in, g_out, k_rev)
+    return _backward_torch(dy, u, k, D, g_in, g_out, k_rev, dropout_mask, activation)
 
 
-def explain(u, k, D=None, *, g_in=None, g_out=None, k_rev=None, direction=None, assume_gpu=False):
+def explain(u, k, D=None, *, g_in=None, g_out=None, k_rev=None, activation=None,
+            dropout_mask=None, direction=None, assume_gpu=False):
     """Which engine would serve ``fftconv(u, k, D, g_in=..., g_out=..., k_rev=...)`` (and its
     backward), and for each engine before it in the table why not: a short text.
 
@@ -451,19 +515,25 @@ def explain(u, k, D=None, *, g_in=None, g_out=None, k_rev=None, direction=None, 
     current restriction (use_engines, FLASHCONV_ENGINES) applies. From a shape alone:
     ``python -m flashconv explain B H L --dtype bf16 --device cuda``.
     """
+    activation = _activation(activation, "explain")
     if _is_dlpack(u):
         with _caller_stream(u):
             tu, tk, tD, tgi, tgo, _, tkr = _dlpack_args("explain", u, k, D, g_in, g_out,
                                                        k_rev=k_rev)
+            tm = _to_torch("explain", "dropout_mask", dropout_mask, u)
             with _dlpack_errors(u):
-                _validate(tu, tk, tD, tgi, tgo, who="explain", k_rev=tkr)
-            p = _torch_problem(tu, tk, tD, tgi, tgo, tkr, origin=_library(u))
+                _validate(tu, tk, tD, tgi, tgo, who="explain", k_rev=tkr, dropout_mask=tm)
+            p = _torch_problem(tu, tk, tD, tgi, tgo, tkr, origin=_library(u), dropout_mask=tm,
+                               activation=activation)
     else:
-        kind = _validate(u, k, D, g_in, g_out, who="explain", k_rev=k_rev)
+        kind = _validate(u, k, D, g_in, g_out, who="explain", k_rev=k_rev,
+                         dropout_mask=dropout_mask)
         if kind == "numpy":
-            p, _ = _numpy_problem(u, k, D, g_in, g_out, k_rev)
+            p, _ = _numpy_problem(u, k, D, g_in, g_out, k_rev, dropout_mask=dropout_mask,
+                                  activation=activation)
         else:
-            p = _torch_problem(u, k, D, g_in, g_out, k_rev)
+            p = _torch_problem(u, k, D, g_in, g_out, k_rev, dropout_mask=dropout_mask,
+                               activation=activation)
     return explain_problem(p, direction, assume_gpu)
 
 
@@ -483,9 +553,10 @@ def explain_problem(p, direction=None, assume_gpu=False):
     return dispatch.explain_problem(p, directions)
 
 
-def _torch_problem(u, k, D, g_in, g_out, k_rev, origin="torch"):
+def _torch_problem(u, k, D, g_in, g_out, k_rev, origin="torch", dropout_mask=None,
+                   activation=""):
     k, k_exponent, n = _op_kernel(k)
-    a = Operands(u, k, D, g_in, g_out, k_rev, k_exponent, n)
+    a = Operands(u, k, D, g_in, g_out, k_rev, k_exponent, n, dropout_mask, activation)
     return from_arrays(a, "forward", kind="torch", origin=origin)
 
 
@@ -498,13 +569,14 @@ def _viewable(*arrays):
                for a in arrays)
 
 
-def _numpy_problem(u, k, D, g_in, g_out, k_rev, direction="forward"):
+def _numpy_problem(u, k, D, g_in, g_out, k_rev, direction="forward", dropout_mask=None,
+                   activation=""):
     """(Problem, Operands) of a validated numpy call; a KernelSpectrum k becomes its
     spectrum array and FFT size."""
     spectrum = isinstance(k, KernelSpectrum)
     a = Operands(u, k.spectrum if spectrum else k, D, g_in, g_out, k_rev, None,
-                 k.n if spectrum else 0)
-    viewable = _viewable(u, a.k, D, g_in, g_out, k_rev)
+                 k.n if spectrum else 0, dropout_mask, activation)
+    viewable = _viewable(u, a.k, D, g_in, g_out, k_rev, dropout_mask)
     return from_arrays(a, direction, kind="numpy", torch_viewable=viewable), a
 
 
@@ -591,24 +663,26 @@ def _dlpack_errors(u):
                         % (exc, _type_name(u))) from None
 
 
-def _fftconv_dlpack(u, k, D, g_in, g_out, k_rev=None):
+def _fftconv_dlpack(u, k, D, g_in, g_out, k_rev=None, dropout_mask=None, activation=""):
     with _caller_stream(u):
         tu, tk, tD, tgi, tgo, _, tkr = _dlpack_args("fftconv", u, k, D, g_in, g_out, k_rev=k_rev)
+        tm = _to_torch("fftconv", "dropout_mask", dropout_mask, u)
         with _dlpack_errors(u):
-            _validate(tu, tk, tD, tgi, tgo, k_rev=tkr)
+            _validate(tu, tk, tD, tgi, tgo, k_rev=tkr, dropout_mask=tm)
         tk, k_exponent, n = _op_kernel(tk)
-        y = _torch_op().fftconv(tu, tk, tD, tgi, tgo, k_exponent, n, tkr)
+        y = _torch_op().fftconv(tu, tk, tD, tgi, tgo, k_exponent, n, tkr, tm, activation)
         return _to_caller(y, u)
 
 
-def _backward_dlpack(dy, u, k, D, g_in, g_out, k_rev=None):
+def _backward_dlpack(dy, u, k, D, g_in, g_out, k_rev=None, dropout_mask=None, activation=""):
     who = "fftconv_backward"
     with _caller_stream(u):
         tu, tk, tD, tgi, tgo, tdy, tkr = _dlpack_args(who, u, k, D, g_in, g_out, dy, k_rev)
+        tm = _to_torch(who, "dropout_mask", dropout_mask, u)
         with _dlpack_errors(u):
-            _validate(tu, tk, tD, tgi, tgo, who=who, k_rev=tkr)
+            _validate(tu, tk, tD, tgi, tgo, who=who, k_rev=tkr, dropout_mask=tm)
             _validate_dy(tdy, tu, "torch", who)
-        grads = _backward_torch(tdy, tu, tk, tD, tgi, tgo, tkr)
+        grads = _backward_torch(tdy, tu, tk, tD, tgi, tgo, tkr, tm, activation)
         return {key: _to_caller(g, u) for key, g in grads.items()}
 
 
@@ -621,12 +695,17 @@ def _op_kernel(k):
     return k, None, 0
 
 
-def _backward_torch(dy, u, k, D, g_in, g_out, k_rev=None):
+def _backward_torch(dy, u, k, D, g_in, g_out, k_rev=None, dropout_mask=None, activation=""):
     """fftconv_backward for torch tensors: the backward operator, as a dict."""
     top = _torch_op()
     k, k_exponent, n = _op_kernel(k)
-    dy, u, k, D, g_in, g_out, k_rev = (None if t is None else t.detach()
-                                       for t in (dy, u, k, D, g_in, g_out, k_rev))
-    grads = top.fftconv_bwd(dy, u, k, D, g_in, g_out, k_exponent, n, None, k_rev)
+    dy, u, k, D, g_in, g_out, k_rev, m = (None if t is None else t.detach()
+                                          for t in (dy, u, k, D, g_in, g_out, k_rev,
+                                                    dropout_mask))
+    if m is None and not activation:
+        grads = top.fftconv_bwd(dy, u, k, D, g_in, g_out, k_exponent, n, None, k_rev)
+    else:
+        grads = top.fftconv_bwd(dy, u, k, D, g_in, g_out, k_exponent, n, None, k_rev, m,
+                                activation)
     mask = top.grad_mask(k, D, g_in, g_out, None, k_rev)
     return {key: g if m else None for key, g, m in zip(_GRAD_KEYS, grads, mask)}

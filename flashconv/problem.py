@@ -55,6 +55,9 @@ class Problem:
     # non-negative strides)
     torch_viewable: bool = False
     origin: str = ""        # the caller's array library: "numpy", "torch", "cupy", ...
+    # the fused epilogue (flashconv/_epilogue.py): y = g_out * m * act(conv + D x)
+    activation: str = ""    # "", "gelu" or "silu"
+    mask_form: str = ""     # the dropout mask m: "" (none), "BH" ((B, H)) or "BHL" ((B, H, L))
 
     @property
     def device_type(self):
@@ -64,6 +67,15 @@ class Problem:
     def device_index(self):
         idx = self.device.partition(":")[2]
         return int(idx) if idx else 0
+
+    @property
+    def has_dropout_mask(self):
+        return bool(self.mask_form)
+
+    @property
+    def has_epilogue(self):
+        """An activation or a dropout mask (the CUDA kernels have neither yet)."""
+        return bool(self.activation or self.mask_form)
 
     @property
     def numel(self):
@@ -92,7 +104,11 @@ class Problem:
              "monarch": "k spectrum (Monarch order, n=%d)" % self.n}[self.k_form]
         extras = [name for name, on in (("k_rev (Lk used %d)" % self.lk_rev, self.has_k_rev),
                                         ("D", self.has_D), ("g_in", self.has_g_in),
-                                        ("g_out", self.has_g_out)) if on]
+                                        ("g_out", self.has_g_out),
+                                        (self.activation, bool(self.activation)),
+                                        ("dropout_mask (%s)" % (
+                                            "B, H" if self.mask_form == "BH" else "B, H, L"),
+                                         self.has_dropout_mask)) if on]
         s = "%s: %s %s on %s, B=%d H=%d L=%d, %s" % (
             self.direction, self.origin or self.kind, self.dtype, self.device, self.B, self.H,
             self.L, ", ".join([k] + extras))
@@ -114,6 +130,8 @@ class Operands(NamedTuple):
     k_rev: object = None
     k_exponent: object = None
     n: int = 0
+    dropout_mask: object = None   # (B, H) or (B, H, L), or None
+    activation: str = ""          # "", "gelu" or "silu"
 
 
 def _is_complex(k):
@@ -147,7 +165,14 @@ def from_arrays(a: Operands, direction="forward", mask=None, kind=None, origin=N
     return Problem(direction, kind, B, H, L, _dtype_name(u.dtype), device, k_form, lk,
                    int(a.n) if spectrum else 0, lk_rev, a.k_rev is not None, a.D is not None,
                    a.g_in is not None, a.g_out is not None, tuple(mask),
-                   bool(torch_viewable), origin or kind)
+                   bool(torch_viewable), origin or kind, a.activation or "",
+                   _mask_form(a.dropout_mask))
+
+
+def _mask_form(m):
+    if m is None:
+        return ""
+    return "BH" if len(m.shape) == 2 else "BHL"
 
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "f16": "float16",
@@ -156,12 +181,14 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "f16
 
 
 def from_shape(B, H, L, dtype="float32", device="cpu", Lk=None, *, kind=None, D=True,
-               g_in=False, g_out=False, Lk_rev=None, direction="forward", spectrum=None):
+               g_in=False, g_out=False, Lk_rev=None, direction="forward", spectrum=None,
+               activation=None, dropout_mask=None):
     """A Problem for a call of this shape that was never allocated (flashconv.explain's CLI).
 
     dtype: torch dtype name or alias ("bf16", "fp16", "fp32", "fp64"); device: "cpu",
     "cuda", "cuda:1", ...; Lk: kernel taps (default L); kind: "torch" (default) or "numpy";
-    spectrum: None (taps), "rfft" or "monarch" (a KernelSpectrum of fft_kernel)."""
+    spectrum: None (taps), "rfft" or "monarch" (a KernelSpectrum of fft_kernel);
+    activation: None, "gelu" or "silu"; dropout_mask: None, "BH" or "BHL" (its form)."""
     dtype = _DTYPE_ALIASES.get(str(dtype).lower(), _dtype_name(dtype))
     if dtype not in ("float32", "float16", "bfloat16", "float64"):
         raise ValueError("dtype must be float32, float16, bfloat16 or float64, got %r" % dtype)
@@ -183,5 +210,6 @@ def from_shape(B, H, L, dtype="float32", device="cpu", Lk=None, *, kind=None, D=
         lk = 0
     p = Problem("forward", kind, int(B), int(H), L, dtype, device, spectrum or "taps", lk, n,
                 0 if Lk_rev is None else min(int(Lk_rev), L), Lk_rev is not None, bool(D),
-                bool(g_in), bool(g_out), (False,) * 6, kind == "numpy", kind)
+                bool(g_in), bool(g_out), (False,) * 6, kind == "numpy", kind, activation or "",
+                dropout_mask or "")
     return p.with_direction("backward") if direction == "backward" else p

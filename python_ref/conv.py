@@ -12,6 +12,11 @@ k_rev (H, Lk_rev) inside the bracket: ``+ sum_{s >= 0} k_rev[h,s] * x[b,h,t+s]``
 counted by both kernels, as in H3's ``fftconv_ref(..., k_rev=...)``, whose spectrum is
 ``rfft(k) + conj(rfft(k_rev))``).
 
+The fused epilogue (flashconv/_epilogue.py): an activation ("gelu", exact erf form, or
+"silu") and a dropout mask m ((B, H), broadcast over t as H3's, or (B, H, L)) between the
+bracket and the output gate: ``y = g_out * m * act(conv + D x)``. The mask is used as given
+(already scaled by the caller) and gets no gradient.
+
 Two independent computations are given so that each checks the other: a direct sum
 (causal_conv_direct) and an FFT convolution (fftconv), plus the analytic gradients
 (fftconv_grads) that the backward kernel must reproduce.
@@ -58,16 +63,57 @@ def _prepare(u, k, D, g_in, g_out):
     return u, k_eff, D, g_in, g_out, x
 
 
-def _finish(z, x, D, g_out):
-    """Add the skip term and apply the output gate to the convolution z (B, H, L)."""
+ACTIVATIONS = ("gelu", "silu")
+
+
+def activation_fn(name):
+    """(act, act') as float64 numpy functions for name in (None, "gelu", "silu")."""
+    from scipy.special import erf
+
+    if not name:
+        return (lambda z: z), (lambda z: np.ones_like(z))
+    if name == "gelu":
+        def cdf(z):
+            return 0.5 * (1 + erf(z / np.sqrt(2)))
+
+        return (lambda z: z * cdf(z)), (lambda z: cdf(z) + z * np.exp(-0.5 * z * z) / np.sqrt(2 * np.pi))
+    if name == "silu":
+        def sig(z):
+            return 0.5 * (1 + np.tanh(0.5 * z))  # no overflow warning for large |z|
+
+        return (lambda z: z * sig(z)), (lambda z: sig(z) * (1 + z * (1 - sig(z))))
+    raise ValueError(f"activation must be None, 'gelu' or 'silu', got {name!r}")
+
+
+def _mask(m, shape):
+    """The dropout mask as float64 broadcasting against (B, H, L), or None."""
+    if m is None:
+        return None
+    m = np.asarray(m, dtype=np.float64)
+    if m.shape == shape[:2]:
+        return m[..., None]
+    if m.shape != shape:
+        raise ValueError(f"dropout_mask must be (B, H) = {shape[:2]} or (B, H, L) = {shape}, "
+                         f"got {m.shape}")
+    return m
+
+
+def _finish(z, x, D, g_out, activation=None, dropout_mask=None):
+    """Add the skip term, apply the epilogue and the output gate to the convolution z."""
     if D is not None:
         z = z + D[:, None] * x
+    if activation:
+        z = activation_fn(activation)[0](z)
+    m = _mask(dropout_mask, z.shape)
+    if m is not None:
+        z = z * m
     if g_out is not None:
         z = g_out * z
     return z
 
 
-def causal_conv_direct(u, k, D=None, g_in=None, g_out=None, k_rev=None):
+def causal_conv_direct(u, k, D=None, g_in=None, g_out=None, k_rev=None, activation=None,
+                       dropout_mask=None):
     """Direct (O(L * Lk)) float64 causal convolution; returns y (B, H, L) float64.
 
     Exactly the defining sum, with no transform involved: the ground truth for the
@@ -91,7 +137,7 @@ def causal_conv_direct(u, k, D=None, g_in=None, g_out=None, k_rev=None):
         kr = _kernel("k_rev", k_rev, H, L)
         for s in range(kr.shape[1]):  # z[t] += k_rev[s] x[t + s]
             z[:, :, : L - s] += kr[None, :, s, None] * x[:, :, s:]
-    return _finish(z, x, D, g_out)
+    return _finish(z, x, D, g_out, activation, dropout_mask)
 
 
 def _fft_len(L, Lk):
@@ -105,7 +151,8 @@ def _spectrum(k, k_rev, n):
     return K if k_rev is None else K + np.conj(scipy.fft.rfft(k_rev, n))
 
 
-def fftconv(u, k, D=None, g_in=None, g_out=None, k_rev=None):
+def fftconv(u, k, D=None, g_in=None, g_out=None, k_rev=None, activation=None,
+            dropout_mask=None):
     """float64 FFT causal convolution (scipy.fft, n = next fast length >= L + min(Lk,L) - 1).
 
     The float64 counterpart of the H3/Hyena/S4 ``fftconv_ref``; returns y (B, H, L).
@@ -116,10 +163,11 @@ def fftconv(u, k, D=None, g_in=None, g_out=None, k_rev=None):
     kr = None if k_rev is None else _kernel("k_rev", k_rev, x.shape[1], L)
     n = _fft_len(L, max(k.shape[1], 0 if kr is None else kr.shape[1]))
     z = scipy.fft.irfft(scipy.fft.rfft(x, n) * _spectrum(k, kr, n), n)[..., :L]  # (B, H, L)
-    return _finish(z, x, D, g_out)
+    return _finish(z, x, D, g_out, activation, dropout_mask)
 
 
-def fftconv_grads(u, k, dy, D=None, g_in=None, g_out=None, k_rev=None):
+def fftconv_grads(u, k, dy, D=None, g_in=None, g_out=None, k_rev=None, activation=None,
+                  dropout_mask=None):
     """Analytic float64 gradients of y = fftconv(u, k, D, g_in, g_out) given dL/dy = dy.
 
     With z = conv(k, x) + D * x (the convolution before the output gate) and
@@ -133,6 +181,9 @@ def fftconv_grads(u, k, dy, D=None, g_in=None, g_out=None, k_rev=None):
 
     With k_rev, dx also gets sum_s k_rev[h,s] dz[b,h,t-s] and
       dk_rev[h,s]  = sum_b sum_t dz[b,h,t] x[b,h,t+s].
+
+    With the epilogue y = g_out * m * act(z): dz = dy * g_out * m * act'(z) and
+    dg_out = dy * m * act(z) (no gradient for the mask m).
 
     Returns a dict with keys du, dk (shape (H, Lk) of the k given), dD, dg_in, dg_out
     (and dk_rev when k_rev is given); an entry is None where its input is None.
@@ -153,7 +204,14 @@ def fftconv_grads(u, k, dy, D=None, g_in=None, g_out=None, k_rev=None):
     z = scipy.fft.irfft(X * Kf, n)[..., :L]  # (B, H, L): conv before skip and gate
     if D is not None:
         z = z + D[:, None] * x
+    act, dact = activation_fn(activation)
+    m = _mask(dropout_mask, z.shape)
     dz = dy if g_out is None else dy * g_out
+    if m is not None:
+        dz = dz * m
+    if activation:
+        dz = dz * dact(z)
+    w = act(z) if m is None else act(z) * m  # what g_out multiplies
     DZ = scipy.fft.rfft(dz, n)  # (B, H, n//2+1) complex128
     dx = scipy.fft.irfft(DZ * np.conj(Kf), n)[..., :L]  # (B, H, L)
     if D is not None:
@@ -170,5 +228,5 @@ def fftconv_grads(u, k, dy, D=None, g_in=None, g_out=None, k_rev=None):
         "dk": dk,
         "dD": None if D is None else (dz * x).sum(axis=(0, 2)),
         "dg_in": None if g_in is None else dx * u,
-        "dg_out": None if g_out is None else dy * z,
+        "dg_out": None if g_out is None else dy * w,
     }

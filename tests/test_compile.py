@@ -46,12 +46,13 @@ def inputs(B, H, L, Lk, dtype=torch.float32, D=True, gates=False, device="cpu", 
 def test_schemas():
     assert str(FWD._schema) == (
         "flashconv::fftconv(Tensor u, Tensor k, Tensor? D=None, Tensor? g_in=None, "
-        "Tensor? g_out=None, Tensor? k_exponent=None, SymInt n=0, Tensor? k_rev=None) -> Tensor")
+        "Tensor? g_out=None, Tensor? k_exponent=None, SymInt n=0, Tensor? k_rev=None, "
+        "Tensor? dropout_mask=None, str activation=\"\") -> Tensor")
     assert str(BWD._schema) == (
         "flashconv::fftconv_bwd(Tensor dy, Tensor u, Tensor k, Tensor? D=None, "
         "Tensor? g_in=None, Tensor? g_out=None, Tensor? k_exponent=None, SymInt n=0, "
-        "bool[]? output_mask=None, Tensor? k_rev=None) -> (Tensor, Tensor, Tensor, Tensor, "
-        "Tensor, Tensor)")
+        "bool[]? output_mask=None, Tensor? k_rev=None, Tensor? dropout_mask=None, "
+        "str activation=\"\") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 CASES = [  # L, Lk, D, gates: odd lengths, Lk < L, Lk > L, with and without D and gates
@@ -114,6 +115,39 @@ def test_opcheck_bidirectional(dtype):
     dy = torch.randn(2, 3, 15, dtype=dtype)
     torch.library.opcheck(BWD, (dy, u.detach(), k.detach(), D.detach(), gi.detach(), go.detach(),
                                 None, 0, None, k_rev.detach()))
+
+
+@pytest.mark.parametrize("activation,mask_shape", [("gelu", (2, 3)), ("silu", (2, 3, 15)),
+                                                   ("", (2, 3))])
+def test_opcheck_epilogue(activation, mask_shape):
+    """The fused epilogue (issue 19): dropout_mask and activation through both operators."""
+    u, k, D, gi, go = inputs(2, 3, 15, 15, torch.float32, gates=True, seed=4)
+    m = torch.rand(*mask_shape)
+    torch.library.opcheck(FWD, (u, k, D, gi, go, None, 0, None, m, activation))
+    dy = torch.randn(2, 3, 15)
+    torch.library.opcheck(BWD, (dy, u.detach(), k.detach(), D.detach(), gi.detach(), go.detach(),
+                                None, 0, None, None, m, activation))
+
+
+def test_compile_epilogue_fullgraph():
+    torch._dynamo.reset()
+
+    def f(u, k, D, m):
+        return flashconv.fftconv(u, k, D, activation="gelu", dropout_mask=m).float().square()
+
+    u, k, D, _, _ = inputs(2, 4, 33, 20, torch.bfloat16, seed=5)
+    m = torch.nn.functional.dropout(torch.ones(2, 4), 0.17)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = []
+    for fn in (f, compiled):
+        for a in (u, k, D):
+            a.grad = None
+        y = fn(u, k, D, m)
+        y.sum().backward()
+        out.append((y.detach(), [a.grad.clone() for a in (u, k, D)]))
+    torch.testing.assert_close(out[1][0], out[0][0])
+    for a, b in zip(out[1][1], out[0][1]):
+        torch.testing.assert_close(a, b)
 
 
 def test_meta_tensors():

@@ -42,12 +42,35 @@ def _np_view(t, dtype):
 
 
 def forward(p, a):
+    if p.has_epilogue:
+        return _forward_epilogue(p, a)
     if p.kind == "numpy":
         return _overlap.overlap_save(a.u, a.k, a.D, a.g_in, a.g_out)
     import torch
 
     cdt = torch.float64 if p.compute_dtype == "float64" else torch.float32
     y = _overlap.overlap_save(*(_np_view(t, cdt) for t in (a.u, a.k, a.D, a.g_in, a.g_out)))
+    return torch.from_numpy(y).to(a.u.dtype)
+
+
+def _forward_epilogue(p, a):
+    """With an activation or a dropout mask: z = conv + D x in the compute dtype (u passed
+    in it, so overlap_save returns it unrounded), then y = g_out m act(z), rounded once."""
+    import numpy as np
+
+    from flashconv._epilogue import mask3, np_apply
+
+    cdt = np.float64 if p.compute_dtype == "float64" else np.float32
+    if p.kind == "numpy":
+        z = _overlap.overlap_save(np.asarray(a.u, cdt), a.k, a.D, a.g_in, None)
+        y = np_apply(z, p.activation, mask3(a.dropout_mask), a.g_out)
+        with np.errstate(over="ignore"):
+            return y.astype(a.u.dtype, copy=False)
+    import torch
+
+    tcdt = torch.float64 if cdt is np.float64 else torch.float32
+    z = _overlap.overlap_save(*(_np_view(t, tcdt) for t in (a.u, a.k, a.D, a.g_in)))
+    y = np_apply(z, p.activation, mask3(_np_view(a.dropout_mask, tcdt)), _np_view(a.g_out, tcdt))
     return torch.from_numpy(y).to(a.u.dtype)
 
 

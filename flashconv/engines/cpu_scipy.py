@@ -49,7 +49,7 @@ def backward(p, a, dy, mask):
 def _forward(p, a):
     dtype = _dtype(p)
     K, n, _, _ = _spectrum(p, a, dtype)
-    y = _cpu.conv_forward(a.u, K, n, a.D, a.g_in, a.g_out, dtype)
+    y = _cpu.conv_forward(a.u, K, n, a.D, a.g_in, a.g_out, dtype, a.activation, a.dropout_mask)
     return y.astype(a.u.dtype, copy=False)
 
 
@@ -59,7 +59,8 @@ def _backward(p, a, dy, mask):
     need_u, need_k, need_D, need_gi, need_go, need_kr = mask
     g = _cpu.conv_backward(dy, a.u, K, n, lk, a.D, a.g_in, a.g_out, dtype,
                            need_k=need_k or need_kr, need_D=need_D,
-                           need_gates=need_gi or need_go, lk_rev=lkr if need_kr else 0)
+                           need_gates=need_gi or need_go, lk_rev=lkr if need_kr else 0,
+                           activation=a.activation, dropout_mask=a.dropout_mask)
     out = [None] * 6
     if need_u:
         out[0] = g["du"].astype(a.u.dtype, copy=False)

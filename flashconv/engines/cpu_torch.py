@@ -37,7 +37,7 @@ def _views(a):
     import torch
 
     return a._replace(**{f: torch.from_numpy(getattr(a, f)) for f in
-                         ("u", "k", "D", "g_in", "g_out", "k_rev")
+                         ("u", "k", "D", "g_in", "g_out", "k_rev", "dropout_mask")
                          if getattr(a, f) is not None})
 
 
@@ -73,8 +73,10 @@ def forward(p, a):
 
     t = _views(a) if p.kind == "numpy" else a
     K, n, _, _ = _kernel(p, t)
-    u, D, g_in, g_out = (None if x is None else x.detach() for x in (t.u, t.D, t.g_in, t.g_out))
-    y = _cpu_torch.conv_forward(u, K, n, D, g_in, g_out, cdt=_cdt(p))
+    u, D, g_in, g_out, m = (None if x is None else x.detach()
+                            for x in (t.u, t.D, t.g_in, t.g_out, t.dropout_mask))
+    y = _cpu_torch.conv_forward(u, K, n, D, g_in, g_out, cdt=_cdt(p), activation=t.activation,
+                                dropout_mask=m)
     return y.numpy() if p.kind == "numpy" else y
 
 
@@ -90,12 +92,13 @@ def backward(p, a, dy, mask):
     # K is recomputed from k (H FFTs, against the B*H of the backward itself) rather than
     # saved by the forward: the operator's only output is y.
     K, n, lk, lkr = _kernel(p, a)
-    dy, u, D, g_in, g_out = (None if x is None else x.detach()
-                             for x in (dy, a.u, a.D, a.g_in, a.g_out))
+    dy, u, D, g_in, g_out, m = (None if x is None else x.detach()
+                                for x in (dy, a.u, a.D, a.g_in, a.g_out, a.dropout_mask))
     du, dk, dD, dgi, dgo, dkr = _cpu_torch.conv_backward(
         dy, u, K, n, lk, D, g_in, g_out, need_u=need_u, need_k=need_k, need_D=need_D,
         need_gin=need_gi, need_gout=need_go, lk_rev=lkr if need_kr else 0, cdt=_cdt(p),
-        kdtypes=(a.k.dtype, None if a.k_rev is None else a.k_rev.dtype))
+        kdtypes=(a.k.dtype, None if a.k_rev is None else a.k_rev.dtype),
+        activation=a.activation, dropout_mask=m)
     dk = kernel_grad(a.k, lk, dk) if need_k else None
     dkr = kernel_grad(a.k_rev, lkr, dkr) if need_kr else None
     dD = dD.to(D.dtype) if need_D else None

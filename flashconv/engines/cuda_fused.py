@@ -25,10 +25,16 @@ def available():
 
 
 def cuda_reason(p):
-    """The reason shared by the CUDA engines, or "": not CUDA, extension or device unusable,
-    not a kernel dtype."""
+    """The reason shared by the CUDA engines, or "": not CUDA, an activation or dropout mask
+    (no kernel epilogue yet), extension or device unusable, not a kernel dtype."""
     if p.device_type != "cuda":
         return "u is on %s, not a CUDA device" % p.device
+    if p.has_epilogue:
+        # A reason of the call itself, stated before the machine's: such a call falls back to
+        # torch_fft without a KernelFallbackWarning (flashconv/dispatch.py).
+        return ("the fused kernels have no activation/dropout epilogue yet (%s)"
+                % ", ".join(w for w, on in ((p.activation, bool(p.activation)),
+                                            ("dropout_mask", p.has_dropout_mask)) if on))
     why = _cuda.unavailable_reason()
     if why:
         return why

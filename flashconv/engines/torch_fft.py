@@ -89,6 +89,10 @@ def forward(p, a):
     y = _nan_rows(t_scale(y, ex + ek), xbad | kbad)
     if a.D is not None:
         y = y + x * a.D.to(cdt).unsqueeze(-1)
+    if a.activation or a.dropout_mask is not None:
+        from flashconv._epilogue import mask3, t_apply
+
+        return t_apply(y, a.activation, mask3(a.dropout_mask), a.g_out).to(u.dtype).contiguous()
     if a.g_out is not None:
         y = y * a.g_out.to(cdt)
     return y.to(u.dtype).contiguous()
@@ -120,7 +124,8 @@ def backward(p, a, dy, mask):
         return scaled_correlate(x, dz, n, lk if mask[1] else 0, lkr if mask[5] else 0)
 
     return compose_backward(dy, a.u, a.k, a.D, a.g_in, a.g_out, a.k_rev, mask, cdt,
-                            conv=conv, adjoint=adjoint, correlate=correlate)
+                            conv=conv, adjoint=adjoint, correlate=correlate,
+                            activation=a.activation, dropout_mask=a.dropout_mask)
 
 
 def scaled_correlate(x, dz, n, lk, lk_rev):
