@@ -63,15 +63,26 @@ FC_HOST_DEVICE Plan make_plan(int64_t N) {
 
 FC_HOST_DEVICE int plan_stages(const Plan& p) { return p.n16 + (p.r > 1 ? 1 : 0); }
 
+// log2 of a power of two. Every size, radix and stride here is one, so quotients and remainders
+// are shifts and masks: the GPU has no integer (or exact float) divider, and a division by a
+// value the compiler cannot see is a call to a software routine (the lint counts them).
+FC_HOST_DEVICE int lg2(int64_t x) {
+#if defined(__CUDA_ARCH__)
+  return __ffsll(x) - 1;
+#else
+  return __builtin_ctzll(uint64_t(x));
+#endif
+}
+
 // Radix R and stride S of stage i (forward order: the radix-r stage, if any, is stage 0).
 FC_HOST_DEVICE void plan_stage(const Plan& p, int64_t N, int i, int& R, int64_t& S) {
   if (p.r > 1 && i == 0) {
     R = p.r;
-    S = N / p.r;
+    S = N >> lg2(p.r);
     return;
   }
   R = 16;
-  S = (N / p.r) >> (4 * (i - (p.r > 1 ? 1 : 0) + 1));
+  S = (N >> lg2(p.r)) >> (4 * (i - (p.r > 1 ? 1 : 0) + 1));
 }
 
 // cos and sin of 2*pi*j/16: the DFT-16 matrix entries and the radix-2/4/8 roots.
@@ -113,9 +124,9 @@ FC_DEVICE void cmul(float& re, float& im, float br, float bi) {
 // conjugated if inverse.
 FC_DEVICE void stage_twiddle(int64_t pos, int64_t S, int64_t RS, bool inverse, float& wr, float& wi) {
   const int64_t within = pos & (RS - 1);
-  const int64_t m = (within / S) * (within & (S - 1));  // k * c < R S: exact in float
+  const int64_t m = (within >> lg2(S)) * (within & (S - 1));  // k * c < R S: exact in float
   float s, c;
-  sincospi(-float(m) / float(RS / 2), &s, &c);   // angle -2 pi m / (R S)
+  sincospi(ldexpf(-float(m), 1 - lg2(RS)), &s, &c);  // angle -2 pi m / (R S), exact scaling
   wr = c;
   wi = inverse ? -s : s;
 }
@@ -221,8 +232,9 @@ template <int R, class Store, class Epi>
 FC_DEVICE void stage_simt(Store* buf, int64_t N, int64_t S, bool inverse, bool zero_upper,
                           float scale, const Epi& epi) {
   const int64_t nvec = N / R;
+  const int lgS = lg2(S), lgRS = lgS + lg2(R);
   for (int64_t v = hw::thread_idx(); v < nvec; v += hw::block_dim()) {
-    const int64_t base = (v / S) * (R * S) + (v % S);
+    const int64_t base = ((v >> lgS) << lgRS) + (v & (S - 1));
     float re[R], im[R];
     FC_UNROLL
     for (int i = 0; i < R; ++i) {
@@ -268,6 +280,7 @@ FC_DEVICE void stage_tc16(cf16* buf, int64_t N, int64_t S, bool inverse, bool ze
   const int lane = hw::lane_id(), g = lane >> 2, t = lane & 3;
   const int nwarps = hw::block_dim() / 32;
   const int64_t nvec = N / 16, ntiles = (nvec + 7) / 8;
+  const int lgS = lg2(S);
   // forward: Re = Fr Xr + (-Fi) Xi, Im = Fr Xi + Fi Xr; inverse conjugates F.
   const uint32_t* a_re2 = inverse ? F.im : F.neg_im;
   const uint32_t* a_im2 = inverse ? F.neg_im : F.im;
@@ -275,7 +288,7 @@ FC_DEVICE void stage_tc16(cf16* buf, int64_t N, int64_t S, bool inverse, bool ze
     uint32_t br[2] = {0u, 0u}, bi[2] = {0u, 0u};
     const int64_t v = tile * 8 + g;
     if (v < nvec) {
-      const int64_t base = (v / S) * (16 * S) + (v % S);
+      const int64_t base = ((v >> lgS) << (lgS + 4)) + (v & (S - 1));
       FC_UNROLL
       for (int reg = 0; reg < 2; ++reg) {
         if (zero_upper && reg == 1) continue;  // rows 8..15 read the causal zero padding
@@ -297,7 +310,7 @@ FC_DEVICE void stage_tc16(cf16* buf, int64_t N, int64_t S, bool inverse, bool ze
       const int64_t vo = tile * 8 + 2 * t + (e & 1);
       if (vo >= nvec) continue;
       const int k1 = g + 8 * (e >> 1);
-      epi((vo / S) * (16 * S) + k1 * S + (vo % S), dr[e], di[e]);
+      epi(((vo >> lgS) << (lgS + 4)) + k1 * S + (vo & (S - 1)), dr[e], di[e]);
     }
   }
 }
@@ -363,7 +376,7 @@ FC_DEVICE void block_fft_forward(S* buf, int64_t N, const Plan& plan, const Dft1
   const int first16 = plan.r > 1 ? 1 : 0;
   if (first16) {  // X = F_r @ X; X = X * tw  (the radix-r stage; a radix-16 one follows)
     hw::region(stage_region(0, false));
-    const int64_t S0 = N / plan.r;
+    const int64_t S0 = N >> lg2(plan.r);
     stage_any(buf, N, plan.r, S0, false, causal, F, Gains<S>::stage_scale(plan.r),
               StoreShared<S>{buf, ns > 1 ? S0 : 0, N, false, overflow});
     hw::sync_block();
@@ -408,7 +421,7 @@ FC_DEVICE void block_fft_inverse_last(S* buf, int64_t N, const Plan& plan, const
   hw::region(stage_region(0, true));  // with the caller's epilogue
   const int64_t limit = full ? N : N / 2;
   if (kReadBack && plan.r > 1) {
-    stage_any(buf, N, plan.r, N / plan.r, true, false, F, Gains<S>::stage_scale(plan.r),
+    stage_any(buf, N, plan.r, N >> lg2(plan.r), true, false, F, Gains<S>::stage_scale(plan.r),
               StoreShared<S>{buf, 0, 0, true, overflow});
     hw::sync_block();
     for (int64_t n = hw::thread_idx(); n < limit; n += hw::block_dim()) {

@@ -52,14 +52,16 @@ struct LongParams {
 // p (first stage's radix most significant) reversed into a mixed-radix number: digit k_j of
 // stage j weighs R_0 ... R_{j-1}.
 FC_HOST_DEVICE int64_t monarch_freq(int64_t p, const Plan& pl, int64_t n) {
-  int64_t f = 0, suffix = 1;
+  int64_t f = 0;
+  int lg_rest = lg2(n);  // log2 of n / (R_{j} ... R_{last}) after stage j's digit
   for (int j = plan_stages(pl) - 1; j >= 0; --j) {
     int R;
     int64_t S;
     plan_stage(pl, n, j, R, S);
-    suffix *= R;
-    f += (p % R) * (n / suffix);
-    p /= R;
+    const int lgR = lg2(R);
+    lg_rest -= lgR;
+    f += (p & (R - 1)) << lg_rest;
+    p >>= lgR;
   }
   return f;
 }
@@ -67,7 +69,7 @@ FC_HOST_DEVICE int64_t monarch_freq(int64_t p, const Plan& pl, int64_t n) {
 // w_N^(m) (conjugated if inverse), m < 2^24 exact in float.
 FC_DEVICE void twiddle_n(int64_t m, int64_t N, bool inverse, float& wr, float& wi) {
   float s, c;
-  sincospi(-float(m) / float(N / 2), &s, &c);  // angle -2 pi m / N
+  sincospi(ldexpf(-float(m), 1 - lg2(N)), &s, &c);  // angle -2 pi m / N, exact scaling
   wr = c;
   wi = inverse ? -s : s;
 }
@@ -102,7 +104,7 @@ struct StoreTile {
   FC_DEVICE void operator()(int64_t pos, float re, float im) const {
     if (tw_S) {
       float wr, wi;
-      stage_twiddle(pos / C, tw_S, tw_RS, inverse, wr, wi);
+      stage_twiddle(pos >> lg2(C), tw_S, tw_RS, inverse, wr, wi);
       cmul(re, im, wr, wi);
     }
     hw::sts(tile + pos, cf32{re, im});
@@ -154,15 +156,17 @@ FC_GLOBAL void fftconv_long_outer_fwd_kernel(LongParams p) {
   cf32* tile = hw::dyn_smem<cf32>();  // (N1, C)
   const int64_t N = p.N, N1 = p.N1, N2 = p.N2, C = p.C, L = p.L, h = hw::block_idx_x();
   const Plan pl = make_plan(N1);
-  const int64_t pairs = (p.B + 1) / 2, tiles = N2 / C, items = pairs * tiles;
+  // Sizes are powers of two: shifts and masks, no division.
+  const int lgC = lg2(C), lg_tiles = lg2(N2) - lgC;
+  const int64_t pairs = (p.B + 1) / 2, tiles = int64_t(1) << lg_tiles, items = pairs * tiles;
   auto x_at = [&](int64_t b, int64_t t, hw::Site at = hw::Site::current()) {
     return gated<T>(load<T>(p.u, b, h, t, "u", at), p.g_in, b, h, t, "g_in", at);
   };
   for (int64_t item = hw::block_idx_y(); item < items; item += hw::grid_dim_y()) {
-    const int64_t pair = item / tiles, c0 = (item % tiles) * C, b0 = 2 * pair;
+    const int64_t pair = item >> lg_tiles, c0 = (item & (tiles - 1)) << lgC, b0 = 2 * pair;
     hw::region("load");
     for (int64_t i = hw::thread_idx(); i < N1 / 2 * C; i += hw::block_dim()) {
-      const int64_t t = (i / C) * N2 + c0 + (i % C);
+      const int64_t t = ((i >> lgC) * N2) + c0 + (i & (C - 1));
       float re = 0.f, im = 0.f;
       if (t < L) {
         re = x_at(b0, t);
@@ -174,7 +178,7 @@ FC_GLOBAL void fftconv_long_outer_fwd_kernel(LongParams p) {
     cf32* ws = p.ws + (pair * p.H + h) * N;
     hw::region("outer");
     outer_forward(tile, N1, C, pl, [&](int64_t pos, float re, float im) {
-      const int64_t p1 = pos / C, n2 = c0 + pos % C;
+      const int64_t p1 = pos >> lgC, n2 = c0 + (pos & (C - 1));
       float wr, wi;
       twiddle_n(monarch_freq(p1, pl, N1) * n2, N, false, wr, wi);
       cmul(re, im, wr, wi);
@@ -194,9 +198,13 @@ FC_GLOBAL void fftconv_long_inner_kernel(LongParams p) {
   const Plan plan = make_plan(N2);
   const Dft16Fragments F = kTensorCores<T> ? dft16_fragments() : Dft16Fragments{};
   const int undo_exp = Gains<S>::round_trip_exp(plan) - log2_int(N2);
-  const int64_t items = (p.B + 1) / 2 * N1;
+  // Items p1-major: the CTAs resident together work on the same K row (h, p1) for different
+  // pairs, so each K row comes from DRAM once per launch (then L2), not once per pair. pairs is
+  // not a power of two in general: one 32-bit division per item (inline, no call), outside
+  // the transforms (items < 2^31: the launcher's limits).
+  const int64_t pairs = (p.B + 1) / 2, items = pairs * N1;
   for (int64_t item = hw::block_idx_y(); item < items; item += hw::grid_dim_y()) {
-    const int64_t pair = item / N1, p1 = item % N1;
+    const int64_t p1 = uint32_t(item) / uint32_t(pairs), pair = item - p1 * pairs;
     cf32* row = p.ws + ((pair * p.H + h) * N1 + p1) * N2;
     const cf32* K = p.spec.K + (h * N1 + p1) * N2;
     float m = 0.f;  // the row's max |re|, |im|, for the row scale 2^-e
@@ -257,18 +265,20 @@ FC_GLOBAL void fftconv_long_outer_inv_kernel(LongParams p) {
   cf32* tile = hw::dyn_smem<cf32>();  // (N1, C)
   const int64_t N = p.N, N1 = p.N1, N2 = p.N2, C = p.C, L = p.L, h = hw::block_idx_x();
   const Plan pl = make_plan(N1);
-  const int64_t pairs = (p.B + 1) / 2, tiles = N2 / C, items = pairs * tiles;
+  // Sizes are powers of two: shifts and masks, no division.
+  const int lgC = lg2(C), lg_tiles = lg2(N2) - lgC;
+  const int64_t pairs = (p.B + 1) / 2, tiles = int64_t(1) << lg_tiles, items = pairs * tiles;
   const float d = p.D ? hw::ldg(p.D + h, "D") : 0.f;
   const float undo = ldexpf(1.f, hw::ldg(p.spec.k_exp + h, "k_exp") - log2_int(N1));
   auto x_at = [&](int64_t b, int64_t t, hw::Site at = hw::Site::current()) {
     return gated<T>(load<T>(p.u, b, h, t, "u", at), p.g_in, b, h, t, "g_in", at);
   };
   for (int64_t item = hw::block_idx_y(); item < items; item += hw::grid_dim_y()) {
-    const int64_t pair = item / tiles, c0 = (item % tiles) * C, b0 = 2 * pair;
+    const int64_t pair = item >> lg_tiles, c0 = (item & (tiles - 1)) << lgC, b0 = 2 * pair;
     const cf32* ws = p.ws + (pair * p.H + h) * N;
     hw::region("load");
     for (int64_t i = hw::thread_idx(); i < N1 * C; i += hw::block_dim()) {
-      const int64_t p1 = i / C, n2 = c0 + i % C;
+      const int64_t p1 = i >> lgC, n2 = c0 + (i & (C - 1));
       const cf32 v = hw::ldg(ws + p1 * N2 + n2, "ws");
       float re = v.re, im = v.im, wr, wi;
       twiddle_n(monarch_freq(p1, pl, N1) * n2, N, true, wr, wi);
@@ -278,7 +288,7 @@ FC_GLOBAL void fftconv_long_outer_inv_kernel(LongParams p) {
     hw::sync_block();
     hw::region("outer");
     outer_inverse(tile, N1, C, pl, [&](int64_t pos, float re, float im) {
-      const int64_t t = (pos / C) * N2 + c0 + pos % C;
+      const int64_t t = (pos >> lgC) * N2 + c0 + (pos & (C - 1));
       if (t >= L) return;  // includes the discarded half n1 >= N1/2
       FC_UNROLL
       for (int j = 0; j < 2; ++j) {

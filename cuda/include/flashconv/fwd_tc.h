@@ -139,11 +139,20 @@ FC_DEVICE void fwd_run(const FwdParams& p, const Rows& w, Staged in, const Frags
 
 namespace flashconv {
 
-// The fused forward kernel for bfloat16 io (grid (H, CTAs per channel), kThreads threads; at
-// most 128 registers so that two CTAs fit an SM). A template (T = bf16_t only) so that every
-// translation unit including this header may define it.
+// CTAs per SM the forward is compiled for: two on sm_90 (at most 128 registers, 125 used);
+// sm_80's code generation needs about 140 for the same code and spilled at 128 (14 stores, 52
+// loads), so there it asks for one CTA (8 warps) per SM and no spills.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define FC_FWD_TC_MIN_BLOCKS 1
+#else
+#define FC_FWD_TC_MIN_BLOCKS 2
+#endif
+
+// The fused forward kernel for bfloat16 io (grid (H, CTAs per channel), kThreads threads;
+// FC_FWD_TC_MIN_BLOCKS above). A template (T = bf16_t only) so that every translation unit
+// including this header may define it.
 template <class T>
-FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, 2) fftconv_fwd_tc_kernel(FwdParams p) {
+FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, FC_FWD_TC_MIN_BLOCKS) fftconv_fwd_tc_kernel(FwdParams p) {
   static_assert(std::is_same_v<T, bf16_t>, "the tensor-core forward serves bfloat16 io");
   using namespace tc;
   FC_SHARED uint32_t red[2][kMaxPairs];  // per pair max |x|, by iteration parity
