@@ -119,6 +119,10 @@ def _explain(argv):
     ap.add_argument("--spectrum", choices=("rfft", "monarch"), default=None,
                     help="k is a precomputed fft_kernel spectrum in this layout")
     ap.add_argument("--numpy", action="store_true", help="numpy arrays instead of torch tensors")
+    ap.add_argument("--activation", choices=("gelu", "silu"), default=None,
+                    help="the fused epilogue's activation")
+    ap.add_argument("--dropout-mask", choices=("BH", "BHL"), default=None,
+                    help="a dropout mask of shape (B, H) or (B, H, L)")
     ap.add_argument("--direction", choices=("forward", "backward"), default=None,
                     help="only this direction (default both)")
     ap.add_argument("--assume-gpu", nargs="?", const=True, default=False, metavar="SMEM_BYTES",
@@ -132,7 +136,8 @@ def _explain(argv):
         p = from_shape(args.B, args.H, args.L, args.dtype, args.device, args.lk,
                        kind="numpy" if args.numpy else "torch", D=not args.no_D,
                        g_in=args.gates, g_out=args.gates, Lk_rev=args.lk_rev,
-                       spectrum=args.spectrum)
+                       spectrum=args.spectrum, activation=args.activation,
+                       dropout_mask=args.dropout_mask)
     except ValueError as exc:
         ap.error(str(exc))
     assume = args.assume_gpu if args.assume_gpu is True or not args.assume_gpu \

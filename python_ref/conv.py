@@ -76,7 +76,10 @@ def activation_fn(name):
         def cdf(z):
             return 0.5 * (1 + erf(z / np.sqrt(2)))
 
-        return (lambda z: z * cdf(z)), (lambda z: cdf(z) + z * np.exp(-0.5 * z * z) / np.sqrt(2 * np.pi))
+        def pdf(z):
+            return np.exp(-0.5 * z * z) / np.sqrt(2 * np.pi)
+
+        return (lambda z: z * cdf(z)), (lambda z: cdf(z) + z * pdf(z))
     if name == "silu":
         def sig(z):
             return 0.5 * (1 + np.tanh(0.5 * z))  # no overflow warning for large |z|

@@ -6,6 +6,7 @@ Every CPU/torch engine, forward and backward, against python_ref.conv's float64 
 analytic gradients; float64 gradcheck through the operator; half precision within the rounding
 of the output; bad input; the CUDA engines' refusal (the kernels have no epilogue yet).
 """
+import re
 import warnings
 
 import numpy as np
@@ -272,3 +273,42 @@ def test_problem_records_the_epilogue():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         flashconv.fftconv(u, k, activation="silu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_epilogue_on_cuda(dtype, monkeypatch):
+    """On a GPU an epilogue call runs on torch_fft (the kernels have no epilogue yet), without
+    a KernelFallbackWarning even under FLASHCONV_REQUIRE_KERNEL=1, and matches the CPU."""
+    monkeypatch.setenv("FLASHCONV_REQUIRE_KERNEL", "1")
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(4, 16, 2048, generator=gen).to(dtype)
+    k, D = torch.randn(16, 2048, generator=gen) / 45, torch.randn(16, generator=gen)
+    go = torch.randn(4, 16, 2048, generator=gen).to(dtype)
+    m = torch.nn.functional.dropout(torch.ones(4, 16), 0.17)
+    dy = torch.randn(4, 16, 2048, generator=gen).to(dtype)
+    args = dict(activation="gelu", dropout_mask=m)
+    want = flashconv.fftconv(u, k, D, g_out=go, **args)
+    gwant = flashconv.fftconv_backward(dy, u, k, D, None, go, **args)
+    c = {n: t.cuda() for n, t in dict(u=u, k=k, D=D, go=go, m=m, dy=dy).items()}
+    cargs = dict(activation="gelu", dropout_mask=c["m"])
+    text = flashconv.explain(c["u"], c["k"], c["D"], g_out=c["go"], **cargs)
+    assert re.search(r"torch_fft +<- serves it", text), text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dispatch.KernelFallbackWarning)
+        y = flashconv.fftconv(c["u"], c["k"], c["D"], g_out=c["go"], **cargs)
+        g = flashconv.fftconv_backward(c["dy"], c["u"], c["k"], c["D"], None, c["go"], **cargs)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(y.double().cpu(), want.double()) < tol
+    for key in ("du", "dk", "dD", "dg_out"):
+        assert rel(g[key].double().cpu(), gwant[key].double()) < tol, key
+
+
+def test_explain_cli_epilogue_flags(capsys):
+    from flashconv.__main__ import main
+
+    assert main(["explain", "2", "8", "512", "--dtype", "bf16", "--device", "cuda", "--assume-gpu",
+                 "--activation", "silu", "--dropout-mask", "BHL", "--direction", "forward"]) == 0
+    out = capsys.readouterr().out
+    assert "silu, dropout_mask (B, H, L)" in out
+    assert "no activation/dropout epilogue yet (silu, dropout_mask)" in out
