@@ -312,3 +312,44 @@ def test_explain_cli_epilogue_flags(capsys):
     out = capsys.readouterr().out
     assert "silu, dropout_mask (B, H, L)" in out
     assert "no activation/dropout epilogue yet (silu, dropout_mask)" in out
+
+
+class _Fake:
+    """A foreign DLPack array (as tests/test_interop.py's FakeArray)."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __dlpack__(self, **kwargs):
+        return self.t.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.t.__dlpack_device__()
+
+    def __array_namespace__(self, api_version=None):
+        import types
+
+        return types.SimpleNamespace(from_dlpack=lambda x: _Fake(torch.from_dlpack(x)))
+
+
+def test_epilogue_numpy_through_cpu_torch_and_dlpack():
+    u, k, D, gi, go, kr, m, dy = case(mask="BH")
+    want = ref_fftconv(u, k, D, gi, go, kr, "silu", m)
+    gw = fftconv_grads(u, k, dy, D, gi, go, kr, "silu", m)
+    assert "cpu_torch          <- serves it" in flashconv.explain(
+        u, k, D, g_in=gi, g_out=go, k_rev=kr, activation="silu", dropout_mask=m,
+        direction="backward")
+    y = flashconv.fftconv(u, k, D, g_in=gi, g_out=go, k_rev=kr, activation="silu", dropout_mask=m)
+    g = flashconv.fftconv_backward(dy, u, k, D, gi, go, kr, activation="silu", dropout_mask=m)
+    assert isinstance(y, np.ndarray) and rel(y, want) < 1e-13
+    for key in KEYS:
+        assert rel(g[key], gw[key]) < 1e-12, key
+    f = [None if a is None else _Fake(T(a)) for a in (u, k, D, gi, go, kr, m, dy)]
+    y = flashconv.fftconv(f[0], f[1], f[2], g_in=f[3], g_out=f[4], k_rev=f[5], activation="silu",
+                          dropout_mask=f[6])
+    assert isinstance(y, _Fake) and rel(y.t, want) < 1e-13
+    g = flashconv.fftconv_backward(f[7], *f[:6], activation="silu", dropout_mask=f[6])
+    for key in KEYS:
+        assert isinstance(g[key], _Fake) and rel(g[key].t, gw[key]) < 1e-12, key
+    with pytest.raises(ValueError, match="dropout_mask must have shape"):
+        flashconv.fftconv(f[0], f[1], dropout_mask=_Fake(torch.ones(3, 2, dtype=torch.float64)))
