@@ -8,10 +8,12 @@ import:
 =============================  =================================================================
 flashconv.compat               the peer it mirrors
 =============================  =================================================================
-fftconv_ref                    HazyResearch/H3 ``src/ops/fftconv.py`` (and the same function in
-                               HazyResearch/safari ``src/models/sequence/long_conv_lm`` /
-                               Hyena's ``src/ops/fftconv.py``): ``fftconv_ref(u, k, D,
-                               dropout_mask, gelu=True, k_rev=None)``
+fftconv_ref                    HazyResearch/H3 ``src/ops/fftconv.py`` and HazyResearch/safari
+                               ``src/ops/fftconv.py``: ``fftconv_ref(u, k, D, dropout_mask,
+                               gelu=True, k_rev=None)``; safari's Hyena operator
+                               (``src/models/sequence/hyena.py``) calls a three-argument
+                               ``fftconv(u, k, D)``, which is ``fftconv_ref(u, k, D, None,
+                               gelu=False)``
 fftconv_func                   HazyResearch/H3 ``src/ops/fftconv.py``: ``fftconv_func``, the
                                autograd function over the fused ``fftconv_cuda`` extension
                                (csrc/fftconv), including H3's inner product q * conv(k v)
@@ -104,7 +106,9 @@ def fftconv_ref(u, k, D, dropout_mask, gelu=True, k_rev=None):
     dropped), as theirs does.
 
     Args:
-        u: (B, H, L), or (B, N, H, L) as theirs accepts (k broadcast over N).
+        u: (B, H, L), or (B, H, N, L) as theirs accepts (k of channel h broadcast over N; D
+            broadcast as theirs, ``u * D.unsqueeze(-1)``; that form computes D and GELU
+            outside the fused op, and takes no dropout_mask).
         k: (H, Lk) kernel. D: (H,) (None: no skip term). k_rev: optional (H, Lk_rev).
         dropout_mask: (B, H) mask multiplied after GELU (theirs: ``F.dropout(ones(B, H), p)``,
             already scaled), or None. Required positional, as theirs.
@@ -114,17 +118,30 @@ def fftconv_ref(u, k, D, dropout_mask, gelu=True, k_rev=None):
         out in u's dtype, computed in float32 (float64 for float64 u) and rounded once.
     """
     _check_u("fftconv_ref", u, (3, 4))
-    shape = u.shape
-    if u.ndim == 4:
-        if dropout_mask is not None:
-            raise ValueError("fftconv_ref: a dropout_mask needs u of shape (B, H, L), got "
-                             "shape %s" % (tuple(shape),))
-        u = u.reshape(-1, shape[-2], shape[-1])
     L = int(u.shape[-1])
     kc, kr = _kernels(k, k_rev, 2 * L, L)
-    y = flashconv.fftconv(u, kc, D, k_rev=kr, activation="gelu" if gelu else None,
-                          dropout_mask=dropout_mask)
-    return y.reshape(shape)
+    if u.ndim == 4:
+        return _fftconv_ref_4d(u, kc, D, dropout_mask, gelu, kr)
+    return flashconv.fftconv(u, kc, D, k_rev=kr, activation="gelu" if gelu else None,
+                             dropout_mask=dropout_mask)
+
+
+def _fftconv_ref_4d(u, k, D, dropout_mask, gelu, k_rev):
+    """fftconv_ref's (B, H, N, L) form: k's spectrum (H, 1, n) broadcast over N, and
+    ``u * D.unsqueeze(-1)`` broadcast as torch broadcasts it (D (H,) then pairs with N). The
+    convolution runs on flashconv; the D term and GELU in float32 (float64) outside it."""
+    if dropout_mask is not None:
+        raise ValueError("fftconv_ref: a dropout_mask needs u of shape (B, H, L), got shape %s"
+                         % (tuple(u.shape),))
+    B, H, N, L = (int(s) for s in u.shape)
+    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    x = u.transpose(1, 2).reshape(B * N, H, L).to(cdt)
+    y = flashconv.fftconv(x, k, k_rev=k_rev).view(B, N, H, L).transpose(1, 2)
+    if D is not None:
+        y = y + u.to(cdt) * D.to(cdt).unsqueeze(-1)
+    if gelu:
+        y = torch.nn.functional.gelu(y)
+    return y.to(u.dtype)
 
 
 def _fft_size_func(L):

@@ -30,6 +30,8 @@ def h3_fftconv_ref(u, k, D, dropout_mask, gelu=True, k_rev=None, n=None):
     if k_rev is not None:
         k_f = k_f + (torch.fft.rfft(k_rev, n=n) / n).conj()
     u_f = torch.fft.rfft(u.to(k.dtype), n=n)
+    if u.ndim > 3:
+        k_f = k_f.unsqueeze(1)
     y = torch.fft.irfft(u_f * k_f, n=n, norm="forward")[..., :L]
     out = y + u * D.unsqueeze(-1)
     if gelu:
@@ -99,11 +101,17 @@ def test_fftconv_ref_wrap_gradients():
 
 
 def test_fftconv_ref_four_dims():
-    u = torch.randn(2, 4, 3, 16, dtype=torch.float64)
-    k, D = torch.randn(3, 16, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
-    y = compat.fftconv_ref(u, k, D, None, gelu=False)
-    assert y.shape == u.shape
-    assert _rel(y[1, 2], compat.fftconv_ref(u[1, 2][None], k, D, None, gelu=False)[0]) < 1e-14
+    """(B, H, N, L): k's spectrum broadcast over N, u * D.unsqueeze(-1) as torch broadcasts."""
+    g = torch.Generator().manual_seed(7)
+    u = torch.randn(2, 3, 4, 16, dtype=torch.float64, generator=g)
+    k = torch.randn(3, 16, dtype=torch.float64, generator=g)
+    D = torch.randn(4, dtype=torch.float64, generator=g)  # pairs with N, as in theirs
+    for gelu in (False, True):
+        want = h3_fftconv_ref(u, k, D, None, gelu)
+        assert _rel(compat.fftconv_ref(u, k, D, None, gelu), want) < 1e-13
+        uf = u.float()
+        got = compat.fftconv_ref(uf, k.float(), D.float(), None, gelu)
+        assert got.dtype == torch.float32 and _rel(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("head_dim", [1, 2, 8])
