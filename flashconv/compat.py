@@ -93,7 +93,7 @@ def _check_u(who, u, dims=(3,)):
         raise TypeError("%s: u must be a torch.Tensor, got %s" % (who, type(u).__name__))
     if u.ndim not in dims:
         raise ValueError("%s: u must have shape %s, got shape %s" % (
-            who, " or ".join({3: "(B, H, L)", 4: "(B, N, H, L)"}[d] for d in dims),
+            who, " or ".join({3: "(B, H, L)", 4: "(B, H, N, L)"}[d] for d in dims),
             tuple(u.shape)))
 
 
