@@ -241,8 +241,10 @@ def run_h3_case(fn, seqlen, gelu, dropout_prob, bidirectional, dtype, batch_size
     return ok, res
 
 
+# Default run: two of H3's lengths (a power of two and 784), dropout None and 0.17 (p = 0 is an
+# all-ones mask: in the slow grid), at B = 2, H = 8.
 GRID_FAST = [(L, gelu, p, bi, dt) for L in (8, 784) for gelu in (True, False)
-             for p in (None, 0.0, 0.17) for bi in (False, True) for dt in TOLS]
+             for p in (None, 0.17) for bi in (False, True) for dt in TOLS]
 
 
 def _check_case(fn, L, gelu, p, bi, dtype, batch_size, H):
