@@ -23,9 +23,11 @@
 //     fp32 registers: float32 accuracy, never tf32/fp16.
 #pragma once
 
+#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "flashconv/fftconv_params.h"
 #include "flashconv/hw.h"
@@ -120,16 +122,66 @@ FC_DEVICE void cmul(float& re, float& im, float br, float bi) {
   re = r;
 }
 
-// w_{R S}^(k c) for the element at `pos` of a stage of radix R and stride S (RS = R * S),
-// conjugated if inverse.
-FC_DEVICE void stage_twiddle(int64_t pos, int64_t S, int64_t RS, bool inverse, float& wr, float& wi) {
+// The exponent m = k * c of the twiddle w_{R S}^m at `pos` of a stage of radix R and stride
+// S (RS = R * S): k = the row within the block, c = the column; m < R S, exact in float.
+FC_HOST_DEVICE int64_t twiddle_exponent(int64_t pos, int64_t S, int64_t RS) {
   const int64_t within = pos & (RS - 1);
-  const int64_t m = (within >> lg2(S)) * (within & (S - 1));  // k * c < R S: exact in float
+  return (within >> lg2(S)) * (within & (S - 1));
+}
+
+// w_{RS}^m, conjugated if inverse: angle -2 pi m / RS, exact scaling.
+FC_DEVICE void twiddle_pow(int64_t m, int lgRS, bool inverse, float& wr, float& wi) {
   float s, c;
-  sincospi(ldexpf(-float(m), 1 - lg2(RS)), &s, &c);  // angle -2 pi m / (R S), exact scaling
+  sincospi(ldexpf(-float(m), 1 - lgRS), &s, &c);
   wr = c;
   wi = inverse ? -s : s;
 }
+
+// w_{R S}^(k c) for the element at `pos` of a stage of radix R and stride S (RS = R * S),
+// conjugated if inverse.
+FC_DEVICE void stage_twiddle(int64_t pos, int64_t S, int64_t RS, bool inverse, float& wr, float& wi) {
+  twiddle_pow(twiddle_exponent(pos, S, RS), lg2(RS), inverse, wr, wi);
+}
+
+// The twiddles of the R outputs of one vector, whose exponents are m0 + k d (k < R): along a
+// vector a stage's twiddle exponent is linear in k (the column is fixed in the forward; in the
+// inverse the previous stage's row is fixed and its column steps by the stride). w^(m0 + 4a d)
+// and q = w^d, q^2 exact (sincospi), q^3 = q^2 q, and w_(4a + b) = w^(m0 + 4a d) q^b: R/4 + 2
+// sincospi per vector (6 for R = 16) instead of one per output, and at most two roundings
+// beyond the exact values in any twiddle.
+template <int R>
+FC_DEVICE void twiddle_run(int64_t m0, int64_t d, int lgRS, bool inverse, float (&wr)[R],
+                           float (&wi)[R]) {
+  float qr[4] = {1.f, 0.f, 0.f, 0.f}, qi[4] = {0.f, 0.f, 0.f, 0.f};
+  twiddle_pow(d, lgRS, inverse, qr[1], qi[1]);
+  if (R > 2) {
+    twiddle_pow(2 * d, lgRS, inverse, qr[2], qi[2]);
+    qr[3] = qr[2], qi[3] = qi[2];
+    cmul(qr[3], qi[3], qr[1], qi[1]);
+  }
+  constexpr int kB = R < 4 ? R : 4;
+  FC_UNROLL
+  for (int a = 0; a < R / kB; ++a) {
+    const int64_t m = m0 + 4 * a * d;
+    float ar = 1.f, ai = 0.f;
+    if (m) twiddle_pow(m, lgRS, inverse, ar, ai);
+    FC_UNROLL
+    for (int b = 0; b < kB; ++b) {
+      wr[kB * a + b] = qr[b], wi[kB * a + b] = qi[b];
+      cmul(wr[kB * a + b], wi[kB * a + b], ar, ai);
+    }
+  }
+}
+
+// Where element j of a row lives in shared memory. fp32 rows (8 bytes per complex) XOR the
+// element's position within its 16-element group with the group index's low four bits: a
+// radix-16 stage at stride 1 reads elements 16 v + i across lanes v, which unswizzled all fall
+// in one bank pair (16 half-warp wavefronts instead of 1); swizzled they are 16 distinct pairs,
+// and accesses to 16 consecutive elements (any other stride, loads, the product with K) stay a
+// permutation of one aligned group. fp16 rows (the old tensor-core stage) are unswizzled.
+FC_HOST_DEVICE int64_t swizzle_c32(int64_t j) { return j ^ ((j >> 4) & 15); }
+FC_DEVICE cf32* slot(cf32* buf, int64_t j) { return buf + swizzle_c32(j); }
+FC_DEVICE cf16* slot(cf16* buf, int64_t j) { return buf + j; }
 
 // Storage of one complex value between stages, in shared memory (the caller's site counts).
 FC_DEVICE void load_c(const cf32* p, float& re, float& im, hw::Site at = hw::Site::current()) {
@@ -168,9 +220,25 @@ struct StoreShared {
       stage_twiddle(pos, tw_S, tw_RS, tw_inverse, wr, wi);
       cmul(re, im, wr, wi);
     }
-    store_c(buf + pos, re, im, overflow);
+    store(pos, re, im);
+  }
+  // The vector interface of stage_simt (VectorEpilogue): the twiddles come from twiddle_run.
+  FC_DEVICE bool twiddled() const { return tw_S != 0; }
+  FC_DEVICE int64_t exponent(int64_t pos) const { return twiddle_exponent(pos, tw_S, tw_RS); }
+  FC_DEVICE int lg_block() const { return lg2(tw_RS); }
+  FC_DEVICE bool conj() const { return tw_inverse; }
+  FC_DEVICE void store(int64_t pos, float re, float im) const {
+    store_c(slot(buf, pos), re, im, overflow);
   }
 };
+
+// Epilogues with the vector interface above: twiddled(), exponent(pos) (linear along a
+// vector), lg_block(), conj(), store(pos, re, im) without the twiddle.
+template <class E, class = void>
+struct VectorEpilogue : std::false_type {};
+template <class E>
+struct VectorEpilogue<E, std::void_t<decltype(std::declval<const E&>().exponent(int64_t(0)))>>
+    : std::true_type {};
 
 template <int kBits>
 FC_HOST_DEVICE constexpr int bit_reverse(int i) {
@@ -241,12 +309,30 @@ FC_DEVICE void stage_simt(Store* buf, int64_t N, int64_t S, bool inverse, bool z
       if (zero_upper && i >= R / 2) {
         re[i] = im[i] = 0.f;
       } else {
-        load_c(buf + base + i * S, re[i], im[i]);
+        load_c(slot(buf, base + i * S), re[i], im[i]);
       }
     }
     dft_small<R>(re, im, inverse, scale);
-    FC_UNROLL
-    for (int k = 0; k < R; ++k) epi(base + k * S, re[k], im[k]);
+    if constexpr (VectorEpilogue<Epi>::value) {
+      // Twiddled stores (StoreShared, StoreTile): the vector's twiddles from twiddle_run.
+      if (epi.twiddled()) {
+        const int64_t m0 = epi.exponent(base), d = epi.exponent(base + S) - m0;
+        float wr[R], wi[R];
+        twiddle_run<R>(m0, d, epi.lg_block(), epi.conj(), wr, wi);
+        FC_UNROLL
+        for (int k = 0; k < R; ++k) {
+#if !defined(__CUDACC__)
+          assert(epi.exponent(base + k * S) == m0 + k * d);  // linear along the vector
+#endif
+          cmul(re[k], im[k], wr[k], wi[k]);
+        }
+      }
+      FC_UNROLL
+      for (int k = 0; k < R; ++k) epi.store(base + k * S, re[k], im[k]);
+    } else {
+      FC_UNROLL
+      for (int k = 0; k < R; ++k) epi(base + k * S, re[k], im[k]);
+    }
   }
 }
 
@@ -426,7 +512,7 @@ FC_DEVICE void block_fft_inverse_last(S* buf, int64_t N, const Plan& plan, const
     hw::sync_block();
     for (int64_t n = hw::thread_idx(); n < limit; n += hw::block_dim()) {
       float re, im;
-      load_c(buf + n, re, im);
+      load_c(slot(buf, n), re, im);
       out(n, re, im);
     }
   } else {

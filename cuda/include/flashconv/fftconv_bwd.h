@@ -54,11 +54,15 @@ constexpr size_t bwd_smem_bytes(int64_t N) {
 // stage writes element n's slot only after its warp (or thread) has read it.
 template <class S>
 FC_DEVICE float* slot_float(S* buf, int64_t n) {
-  return reinterpret_cast<float*>(buf + n);
+  return reinterpret_cast<float*>(slot(buf, n));
 }
 
+// fp16/fp32 on sm_90: two CTAs (16 warps) per SM, at most 128 registers. One on sm_80 (128
+// spilled there) and for bfloat16 (only N = 16K here: 240 registers, fp16 rows read back
+// rather than spilled).
 template <class T>
-FC_GLOBAL void fftconv_bwd_kernel(BwdParams p) {
+FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, (kTensorCores<T> || FC_ARCH_SM80) ? 1 : 2)
+    fftconv_bwd_kernel(BwdParams p) {
   using S = StorageFor<T>;
   S* A = hw::dyn_smem<S>();  // (N,) complex each: dz's spectrum, then x's
   S* Bf = A + p.N;           // (N,) complex: x's spectrum, then the dk product
@@ -108,14 +112,14 @@ FC_GLOBAL void fftconv_bwd_kernel(BwdParams p) {
       hw::region("multiply");
       for (int64_t i = hw::thread_idx(); i < N; i += hw::block_dim()) {
         float ar, ai, xr, xi;
-        load_c(A + i, ar, ai);
-        load_c(Bf + i, xr, xi);
+        load_c(slot(A, i), ar, ai);
+        load_c(slot(Bf, i), xr, xi);
         float pr = ar, pi = ai;
         cmul(pr, pi, xr, -xi);
-        store_c(Bf + i, pr, pi, &overflow);
+        store_c(slot(Bf, i), pr, pi, &overflow);
         const cf32 k = hw::ldg(K + i, "K");
         cmul(ar, ai, k.re, -k.im);
-        store_c(A + i, ar, ai, &overflow);
+        store_c(slot(A, i), ar, ai, &overflow);
       }
       hw::sync_block();
       // 4. dx = IFFT(A) + D dz -> du = g_in dx, dg_in = u dx

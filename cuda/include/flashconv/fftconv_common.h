@@ -89,7 +89,7 @@ FC_DEVICE void load_pair(S* buf, int64_t N, int64_t L, int64_t B, int64_t b0, fl
       re = f(b0, t) * scale;
       if (b0 + 1 < B) im = f(b0 + 1, t) * scale;
     }
-    store_c(buf + t, re, im, overflow);
+    store_c(slot(buf, t), re, im, overflow);
   }
   hw::sync_block();
 }
@@ -101,10 +101,10 @@ FC_DEVICE void multiply_spectrum(S* buf, const cf32* K, int64_t N, bool conj_k, 
   hw::region("multiply");
   for (int64_t i = hw::thread_idx(); i < N; i += hw::block_dim()) {
     float re, im;
-    load_c(buf + i, re, im);
+    load_c(slot(buf, i), re, im);
     const cf32 k = hw::ldg(K + i, "K");
     cmul(re, im, k.re, conj_k ? -k.im : k.im);
-    store_c(buf + i, re, im, overflow);
+    store_c(slot(buf, i), re, im, overflow);
   }
   hw::sync_block();
 }

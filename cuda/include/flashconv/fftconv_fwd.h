@@ -50,8 +50,9 @@ constexpr size_t fwd_smem_bytes(int64_t N) {
   return size_t(N) * sizeof(StorageFor<T>);
 }
 
+// Two CTAs (16 warps) per SM: at most 128 registers.
 template <class T>
-FC_GLOBAL void fftconv_fwd_kernel(FwdParams p) {
+FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, 2) fftconv_fwd_kernel(FwdParams p) {
   using S = StorageFor<T>;
   S* buf = hw::dyn_smem<S>();  // (N,) complex: the packed pair, Monarch order between passes
   FC_SHARED float red[32];

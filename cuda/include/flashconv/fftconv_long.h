@@ -107,8 +107,14 @@ struct StoreTile {
       stage_twiddle(pos >> lg2(C), tw_S, tw_RS, inverse, wr, wi);
       cmul(re, im, wr, wi);
     }
-    hw::sts(tile + pos, cf32{re, im});
+    store(pos, re, im);
   }
+  // stage_simt's vector interface (block_fft.h, VectorEpilogue).
+  FC_DEVICE bool twiddled() const { return tw_S != 0; }
+  FC_DEVICE int64_t exponent(int64_t pos) const { return twiddle_exponent(pos >> lg2(C), tw_S, tw_RS); }
+  FC_DEVICE int lg_block() const { return lg2(tw_RS); }
+  FC_DEVICE bool conj() const { return inverse; }
+  FC_DEVICE void store(int64_t pos, float re, float im) const { hw::sts(slot(tile, pos), cf32{re, im}); }
 };
 
 // Forward: rows [0, N1/2) of the tile hold the input (the rest is zero padding, never read);
@@ -152,7 +158,7 @@ FC_DEVICE void outer_inverse(cf32* tile, int64_t N1, int64_t C, const Plan& pl, 
 // ---- pass A -------------------------------------------------------------------------------
 
 template <class T>
-FC_GLOBAL void fftconv_long_outer_fwd_kernel(LongParams p) {
+FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, 2) fftconv_long_outer_fwd_kernel(LongParams p) {
   cf32* tile = hw::dyn_smem<cf32>();  // (N1, C)
   const int64_t N = p.N, N1 = p.N1, N2 = p.N2, C = p.C, L = p.L, h = hw::block_idx_x();
   const Plan pl = make_plan(N1);
@@ -172,7 +178,7 @@ FC_GLOBAL void fftconv_long_outer_fwd_kernel(LongParams p) {
         re = x_at(b0, t);
         if (b0 + 1 < p.B) im = x_at(b0 + 1, t);
       }
-      hw::sts(tile + i, cf32{re, im});
+      hw::sts(slot(tile, i), cf32{re, im});
     }
     hw::sync_block();
     cf32* ws = p.ws + (pair * p.H + h) * N;
@@ -190,7 +196,7 @@ FC_GLOBAL void fftconv_long_outer_fwd_kernel(LongParams p) {
 // ---- pass B -------------------------------------------------------------------------------
 
 template <class T>
-FC_GLOBAL void fftconv_long_inner_kernel(LongParams p) {
+FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, 2) fftconv_long_inner_kernel(LongParams p) {
   using S = StorageFor<T>;
   S* buf = hw::dyn_smem<S>();  // (N2,) one workspace row
   FC_SHARED float red[32];
@@ -224,20 +230,20 @@ FC_GLOBAL void fftconv_long_inner_kernel(LongParams p) {
         const float scale = ldexpf(1.f, -e);
         for (int64_t i = hw::thread_idx(); i < N2; i += hw::block_dim()) {
           const cf32 v = hw::ldg(row + i, "ws");
-          store_c(buf + i, v.re * scale, v.im * scale, &overflow);
+          store_c(slot(buf, i), v.re * scale, v.im * scale, &overflow);
         }
       } else {  // fp32 storage: one read of the row; its max on the way, then scale in place
         for (int64_t i = hw::thread_idx(); i < N2; i += hw::block_dim()) {
           const cf32 v = hw::ldg(row + i, "ws");
           m = max_nan(m, max_nan(fabsf(v.re), fabsf(v.im)));
-          store_c(buf + i, v.re, v.im, &overflow);
+          store_c(slot(buf, i), v.re, v.im, &overflow);
         }
         e = scale_exponent(block_reduce<false>(m, red));  // (each thread rescales its own i)
         const float scale = ldexpf(1.f, -e);
         for (int64_t i = hw::thread_idx(); i < N2; i += hw::block_dim()) {
           float re, im;
-          load_c(buf + i, re, im);
-          store_c(buf + i, re * scale, im * scale, &overflow);
+          load_c(slot(buf, i), re, im);
+          store_c(slot(buf, i), re * scale, im * scale, &overflow);
         }
       }
       hw::sync_block();
@@ -261,7 +267,7 @@ FC_GLOBAL void fftconv_long_inner_kernel(LongParams p) {
 // ---- pass C -------------------------------------------------------------------------------
 
 template <class T>
-FC_GLOBAL void fftconv_long_outer_inv_kernel(LongParams p) {
+FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, 2) fftconv_long_outer_inv_kernel(LongParams p) {
   cf32* tile = hw::dyn_smem<cf32>();  // (N1, C)
   const int64_t N = p.N, N1 = p.N1, N2 = p.N2, C = p.C, L = p.L, h = hw::block_idx_x();
   const Plan pl = make_plan(N1);
@@ -283,7 +289,7 @@ FC_GLOBAL void fftconv_long_outer_inv_kernel(LongParams p) {
       float re = v.re, im = v.im, wr, wi;
       twiddle_n(monarch_freq(p1, pl, N1) * n2, N, true, wr, wi);
       cmul(re, im, wr, wi);
-      hw::sts(tile + i, cf32{re, im});
+      hw::sts(slot(tile, i), cf32{re, im});
     }
     hw::sync_block();
     hw::region("outer");

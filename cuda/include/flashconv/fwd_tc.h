@@ -140,13 +140,9 @@ FC_DEVICE void fwd_run(const FwdParams& p, const Rows& w, Staged in, const Frags
 namespace flashconv {
 
 // CTAs per SM the forward is compiled for: two on sm_90 (at most 128 registers, 125 used);
-// sm_80's code generation needs about 140 for the same code and spilled at 128 (14 stores, 52
+// sm_80's code generation needs about 174 for the same code and spilled at 128 (14 stores, 52
 // loads), so there it asks for one CTA (8 warps) per SM and no spills.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define FC_FWD_TC_MIN_BLOCKS 1
-#else
-#define FC_FWD_TC_MIN_BLOCKS 2
-#endif
+#define FC_FWD_TC_MIN_BLOCKS (FC_ARCH_SM80 ? 1 : 2)
 
 // The fused forward kernel for bfloat16 io (grid (H, CTAs per channel), kThreads threads;
 // FC_FWD_TC_MIN_BLOCKS above). A template (T = bf16_t only) so that every translation unit
