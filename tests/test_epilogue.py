@@ -17,6 +17,7 @@ import flashconv
 from flashconv import dispatch, problem
 from flashconv.engines import _cuda
 from python_ref.conv import causal_conv_direct, fftconv as ref_fftconv, fftconv_grads
+from tests.test_interop import FakeArray
 
 ACTS = [None, "gelu", "silu"]
 MASKS = [None, "BH", "BHL"]
@@ -314,22 +315,8 @@ def test_explain_cli_epilogue_flags(capsys):
     assert "no activation/dropout epilogue yet (silu, dropout_mask)" in out
 
 
-class _Fake:
-    """A foreign DLPack array (as tests/test_interop.py's FakeArray)."""
-
-    def __init__(self, t):
-        self.t = t
-
-    def __dlpack__(self, **kwargs):
-        return self.t.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self.t.__dlpack_device__()
-
-    def __array_namespace__(self, api_version=None):
-        import types
-
-        return types.SimpleNamespace(from_dlpack=lambda x: _Fake(torch.from_dlpack(x)))
+# A foreign DLPack array library (tests/test_interop.py's).
+_Fake = FakeArray
 
 
 def test_epilogue_numpy_through_cpu_torch_and_dlpack():
