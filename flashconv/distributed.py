@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from flashconv import problem
 from flashconv import state_passing as _sp
 
 __all__ = ["ssm_conv", "fftconv", "explain", "plan_fftconv", "plan_ssm_conv", "Plan",
@@ -370,7 +371,8 @@ def _itemsize(dtype):
 
 
 def _dtype_name(dtype):
-    s = str(dtype).replace("torch.", "")
+    """problem's dtype name (torch, numpy or text), with the short aliases bf16 ... fp64."""
+    s = problem._dtype_name(dtype)
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}.get(s, s)
 
 
