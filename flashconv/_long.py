@@ -160,11 +160,13 @@ MAX_WORKSPACE_BYTES = 1 << 30
 
 
 def fftconv_long_forward(u, k, D=None, g_in=None, g_out=None, k_rev=None, spectrum=None, n2=None,
-                         max_workspace_bytes=MAX_WORKSPACE_BYTES):
-    """y = g_out * (causal_conv(g_in * u, k) + D * g_in * u) with the two-level kernels, on the
+                         max_workspace_bytes=MAX_WORKSPACE_BYTES, activation=None, dropout_mask=None):
+    """y = g_out * m * act(causal_conv(g_in * u, k) + D * g_in * u) with the two-level kernels, on the
     current stream. u, gates (B, H, L) CUDA float16/bfloat16/float32 (any strides); k (H, Lk)
     taps (any float dtype, same device); D (H,) or None; k_rev: the anti-causal kernel;
     spectrum: (K, k_exp) from long_spectrum for this L and plan (skips the FFT of k);
+    activation (None, "gelu", "silu") and dropout_mask m ((B, H) or (B, H, L)): the fused
+    epilogue, applied in fp32 by pass C (flashconv/_epilogue.py);
     n2: force the inner size (tests). The complex64 workspace (8 N bytes per pair of rows and
     channel) is allocated per chunk of channels and batch pairs, at most max_workspace_bytes
     (but at least one pair and channel). No autograd; the caller validates shapes."""
@@ -183,6 +185,9 @@ def fftconv_long_forward(u, k, D=None, g_in=None, g_out=None, k_rev=None, spectr
     Df = None if D is None else D.detach().to(torch.float32).contiguous()
     gi = None if g_in is None else g_in.detach().to(u.dtype)
     go = None if g_out is None else g_out.detach().to(u.dtype)
+    from flashconv.engines.cuda_fused import ACT_CODES, mask_view
+    m, _ = mask_view(dropout_mask)
+    act = ACT_CODES[activation]
     per = 8 * N  # workspace bytes per (pair, channel)
     pairs = (B + 1) // 2
     hc = max(1, min(H, max_workspace_bytes // per))
@@ -193,7 +198,10 @@ def fftconv_long_forward(u, k, D=None, g_in=None, g_out=None, k_rev=None, spectr
         return 0 if t is None else t.data_ptr()
 
     def strides(t):
-        return (0, 0, 0) if t is None else tuple(int(s) for s in t.stride())
+        if t is None:
+            return (0, 0, 0)
+        st = tuple(int(s) for s in t.stride())
+        return st if t.ndim == 3 else st + (0,)  # a (B, H) mask: stride 0 along L
 
     def part(t, b0, b1, h0, h1):
         return None if t is None else t[b0:b1, h0:h1]
@@ -205,12 +213,12 @@ def fftconv_long_forward(u, k, D=None, g_in=None, g_out=None, k_rev=None, spectr
         b1 = min(B, b0 + 2 * pc)
         for h0 in range(0, H, hc):
             h1 = min(H, h0 + hc)
-            uc, gic, goc, yc = (part(t, b0, b1, h0, h1) for t in (u, gi, go, y))
+            uc, gic, goc, yc, mc = (part(t, b0, b1, h0, h1) for t in (u, gi, go, y, m))
             ext.fftconv_long_fwd(
                 ptr(uc), ptr(gic), ptr(goc), ptr(yc), ptr(Kf[h0:h1]), ptr(kexp[h0:h1]),
                 ptr(None if Df is None else Df[h0:h1]), ptr(ws), b1 - b0, h1 - h0, L, N1, N2,
                 strides(uc), strides(gic), strides(goc), strides(yc), code, u.device.index,
-                stream)
+                stream, act=act, mask=ptr(mc), mask_strides=strides(mc))
     return y
 
 
@@ -224,7 +232,7 @@ MAX_CHUNK_BYTES = 1 << 30
 
 def fftconv_long_backward(dy, u, k, D=None, g_in=None, g_out=None, k_rev=None, mask=None,
                           forward=None, n2=None, max_corr_bytes=MAX_CORR_BYTES,
-                          max_chunk_bytes=MAX_CHUNK_BYTES):
+                          max_chunk_bytes=MAX_CHUNK_BYTES, activation=None, dropout_mask=None):
     """Gradients (du, dk, dD, dg_in, dg_out, dk_rev) of fftconv_long_forward (None where
     mask, a 6-tuple of bools, says not needed or the input is absent), for L beyond the fused
     backward kernel: flashconv.grads.compose_backward (the formulas, stated once) over chunks
@@ -240,7 +248,8 @@ def fftconv_long_backward(dy, u, k, D=None, g_in=None, g_out=None, k_rev=None, m
     numpy mirror. Everything is computed in float32 whatever the io dtype (one rounding, at
     the end), so the inner size is the float32 one; K is transformed in float32 for 16-bit io
     and float64 for float32 io (flashconv.spectrum.spectrum_precision). The caller validates
-    shapes."""
+    shapes. activation / dropout_mask: the fused epilogue (compose_backward recomputes z with
+    one more conv per chunk)."""
     import torch
 
     from flashconv.grads import compose_backward, fft_correlate
@@ -281,7 +290,8 @@ def fftconv_long_backward(dy, u, k, D=None, g_in=None, g_out=None, k_rev=None, m
 
     return compose_backward(dy, u, k, D, g_in, g_out, k_rev, mask, f32, conv=conv,
                             adjoint=adjoint, correlate=correlate,
-                            channels_per_chunk=max(1, int(max_chunk_bytes) // max(1, 12 * B * L)))
+                            channels_per_chunk=max(1, int(max_chunk_bytes) // max(1, 12 * B * L)),
+                            activation=activation or "", dropout_mask=dropout_mask)
 
 
 def reference_forward(u, k, D=None, g_in=None, g_out=None, k_rev=None, spectrum=None, n2=None):

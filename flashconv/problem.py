@@ -74,7 +74,7 @@ class Problem:
 
     @property
     def has_epilogue(self):
-        """An activation or a dropout mask (the CUDA kernels have neither yet)."""
+        """An activation or a dropout mask (the fused epilogue)."""
         return bool(self.activation or self.mask_form)
 
     @property

@@ -9,7 +9,7 @@ import pytest
 
 from flashconv._long import long_order, long_spectrum, two_level_plan, two_level_reference
 from flashconv.plan import monarch_perm
-from python_ref.conv import fftconv as ref_fftconv
+from python_ref.conv import activation_fn, fftconv as ref_fftconv
 from python_ref.rounding import round_bf16
 
 from tests.emu import build as emu
@@ -204,7 +204,7 @@ class _FakeExt:
         return np.lib.stride_tricks.as_strided(a, shape, [st * dt.itemsize for st in strides])
 
     def fftconv_long_fwd(self, u, g_in, g_out, y, K, k_exp, D, ws, B, H, L, N1, N2, u_s, gi_s,
-                         go_s, y_s, dtype, device, stream):
+                         go_s, y_s, dtype, device, stream, act=0, mask=0, mask_strides=(0, 0, 0)):
         self.calls.append((B, H))
         io = {0: np.float32, 1: np.float16}[dtype]
         shp = (B, H, L)
@@ -215,7 +215,12 @@ class _FakeExt:
         spec = (Kv[..., 0] + 1j * Kv[..., 1], self._view(k_exp, (H,), (1,), np.int32).copy())
         Dv = None if D == 0 else self._view(D, (H,), (1,), np.float32).astype(np.float64)
         assert ws != 0
-        out = two_level_reference(uu, None, Dv, gi, go, N1, N2, spectrum=spec)
+        out = two_level_reference(uu, None, Dv, gi, None, N1, N2, spectrum=spec)
+        out = activation_fn({0: None, 1: "gelu", 2: "silu"}[act])[0](out)
+        if mask:  # float32, read through the strides the wrapper passed (0 along L: (B, H))
+            out = out * self._view(mask, shp, mask_strides, np.float32)
+        if go is not None:
+            out = out * go
         yv = self._view(y, shp, y_s, io)
         yv[...] = out.astype(io)
 
@@ -249,3 +254,13 @@ def test_entry_point_fake_extension(monkeypatch, dtype):
     spec = _long.long_spectrum(k, L, N1, N2)
     y2 = _long.fftconv_long_forward(u, k, D, gi, go, n2=1024, spectrum=spec)
     assert torch.equal(y, y2)
+    # The epilogue's arguments: the activation code, a strided (B, H) mask (stride 0 along L)
+    # and a float16 (B, H, L) mask (converted to float32), chunked like the rest.
+    wide = torch.from_numpy((rng.random((B, 2 * H)) > 0.2) / 0.8).float()
+    for act, m in (("gelu", wide[:, ::2]), ("silu", torch.from_numpy(rng.random((B, H, L))).half())):
+        y3 = _long.fftconv_long_forward(u, k, D, gi, go, n2=1024, max_workspace_bytes=2 * 8 * N,
+                                        activation=act, dropout_mask=m)
+        ref = ref_fftconv(u.double().numpy(), k.double().numpy(), D.double().numpy(),
+                          gi.double().numpy(), go.double().numpy(), activation=act,
+                          dropout_mask=m.float().double().numpy())
+        check(y3.double().numpy(), ref, key, "entry point, fake extension, %s %s" % (dtype, act))

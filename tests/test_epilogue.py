@@ -4,7 +4,8 @@
 
 Every CPU/torch engine, forward and backward, against python_ref.conv's float64 reference and
 analytic gradients; float64 gradcheck through the operator; half precision within the rounding
-of the output; bad input; the CUDA engines' refusal (the kernels have no epilogue yet).
+of the output; bad input; which CUDA engines serve it (the kernels' epilogue itself:
+tests/test_emu_epilogue.py under the emulation, tests/test_epilogue_gpu.py on a GPU).
 """
 import re
 import warnings
@@ -247,23 +248,30 @@ def test_bad_mask():
         flashconv.fftconv(u.numpy(), k.numpy(), dropout_mask=torch.ones(2, 3))
 
 
-# --- dispatch: the CUDA engines refuse the epilogue, without a fallback warning -----------------
+# --- dispatch: the CUDA kernels serve the epilogue (overlap-save blocks excepted) -------------
 
-def test_cuda_engines_refuse_epilogue_quietly():
-    p = problem.from_shape(8, 64, 4096, "bf16", "cuda", activation="gelu", dropout_mask="BH")
+@pytest.mark.parametrize("L,direction,engine", [(4096, "forward", "cuda_fused"),
+                                                (4096, "backward", "cuda_fused"),
+                                                (1 << 20, "forward", "cuda_two_level"),
+                                                (1 << 20, "backward", "cuda_two_level")])
+def test_cuda_engines_serve_epilogue(L, direction, engine):
+    p = problem.from_shape(8, 64, L, "bf16", "cuda", activation="gelu", dropout_mask="BH",
+                           direction=direction)
     assert p.has_epilogue and "gelu, dropout_mask (B, H)" in p.summary()
     with _cuda.assume_gpu(_cuda.ASSUMED_SMEM):
-        steps = dispatch.walk(p)
-        text = flashconv.ops.explain_problem(p, "forward")
-    assert steps[-1][0].NAME == "torch_fft"
-    for e, why in steps[:3]:
-        assert "no activation/dropout epilogue yet" in why, (e.NAME, why)
-    assert "no activation/dropout epilogue yet (gelu, dropout_mask)" in text
-    # The reason of the call comes before the machine's: no KernelFallbackWarning here.
-    why = flashconv.engines.cuda_fused.check(p)
-    assert why != _cuda.unavailable_reason()
-    plain = problem.from_shape(8, 64, 4096, "bf16", "cuda")
-    assert "epilogue" not in (flashconv.engines.cuda_fused.check(plain) or "")
+        assert dispatch.select(p).NAME == engine
+        text = flashconv.ops.explain_problem(p, direction)
+    assert re.search(engine + r" +<- serves it", text), text
+
+
+def test_overlap_save_refuses_epilogue():
+    p = problem.from_shape(2, 8, 1 << 20, "bf16", "cuda", Lk=64, activation="silu")
+    plain = problem.from_shape(2, 8, 1 << 20, "bf16", "cuda", Lk=64)
+    with _cuda.assume_gpu(_cuda.ASSUMED_SMEM):
+        assert flashconv.engines.cuda_overlap_save.check(plain) is None
+        why = flashconv.engines.cuda_overlap_save.check(p)
+        assert "no activation/dropout epilogue" in why
+        assert dispatch.select(p).NAME == "cuda_two_level"
 
 
 def test_problem_records_the_epilogue():
@@ -279,8 +287,8 @@ def test_problem_records_the_epilogue():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_epilogue_on_cuda(dtype, monkeypatch):
-    """On a GPU an epilogue call runs on torch_fft (the kernels have no epilogue yet), without
-    a KernelFallbackWarning even under FLASHCONV_REQUIRE_KERNEL=1, and matches the CPU."""
+    """On a GPU an epilogue call runs on the fused kernels, without a KernelFallbackWarning
+    even under FLASHCONV_REQUIRE_KERNEL=1, and matches the CPU."""
     monkeypatch.setenv("FLASHCONV_REQUIRE_KERNEL", "1")
     gen = torch.Generator().manual_seed(0)
     u = torch.randn(4, 16, 2048, generator=gen).to(dtype)
@@ -294,7 +302,7 @@ def test_epilogue_on_cuda(dtype, monkeypatch):
     c = {n: t.cuda() for n, t in dict(u=u, k=k, D=D, go=go, m=m, dy=dy).items()}
     cargs = dict(activation="gelu", dropout_mask=c["m"])
     text = flashconv.explain(c["u"], c["k"], c["D"], g_out=c["go"], **cargs)
-    assert re.search(r"torch_fft +<- serves it", text), text
+    assert re.search(r"cuda_fused +<- serves it", text), text
     with warnings.catch_warnings():
         warnings.simplefilter("error", dispatch.KernelFallbackWarning)
         y = flashconv.fftconv(c["u"], c["k"], c["D"], g_out=c["go"], **cargs)
@@ -312,7 +320,7 @@ def test_explain_cli_epilogue_flags(capsys):
                  "--activation", "silu", "--dropout-mask", "BHL", "--direction", "forward"]) == 0
     out = capsys.readouterr().out
     assert "silu, dropout_mask (B, H, L)" in out
-    assert "no activation/dropout epilogue yet (silu, dropout_mask)" in out
+    assert re.search(r"cuda_fused +<- serves it", out), out
 
 
 # A foreign DLPack array library (tests/test_interop.py's).

@@ -34,6 +34,7 @@ class FakeExt:
 
     def __init__(self):
         self.launches = []
+        self.epilogues = []  # (launch, its keyword arguments)
 
     def info(self):
         return {"cuda_runtime": "13.0", "cuda_driver": "13.0", "device_error": "", "device_count": 1}
@@ -47,14 +48,17 @@ class FakeExt:
     def fftconv_bwd_max_n(self, code):
         return {0: 8192, 1: 8192, 2: 16384}[code]
 
-    def fftconv_fwd(self, *args):
+    def fftconv_fwd(self, *args, **epilogue):  # (the epilogue's keyword arguments)
         self.launches.append(("fftconv_fwd", args[-1]))
+        self.epilogues.append(("fftconv_fwd", epilogue))
 
-    def fftconv_bwd(self, *args):
+    def fftconv_bwd(self, *args, **epilogue):  # (the epilogue's keyword arguments)
         self.launches.append(("fftconv_bwd", args[-1]))
+        self.epilogues.append(("fftconv_bwd", epilogue))
 
-    def fftconv_long_fwd(self, *args):
+    def fftconv_long_fwd(self, *args, **epilogue):  # (the epilogue's keyword arguments)
         self.launches.append(("fftconv_long_fwd", args[-1]))
+        self.epilogues.append(("fftconv_long_fwd", epilogue))
 
 
 class Recorder(TorchDispatchMode):
@@ -89,12 +93,14 @@ def fake_cuda(monkeypatch):
     _cuda.reset()
 
 
-def meta_problem(B, H, L, Lk, dtype, direction="forward", gates=True):
+def meta_problem(B, H, L, Lk, dtype, direction="forward", gates=True, activation="", mask=None):
     def t(*shape, dt=dtype):
         return torch.empty(*shape, device="meta", dtype=dt)
 
+    m = None if mask is None else t(*((B, H) if mask == "BH" else (B, H, L)), dt=torch.float32)
     a = Operands(t(B, H, L), t(H, Lk, dt=torch.float32), t(H, dt=torch.float32),
-                 t(B, H, L) if gates else None, t(B, H, L) if gates else None)
+                 t(B, H, L) if gates else None, t(B, H, L) if gates else None,
+                 dropout_mask=m, activation=activation)
     p = from_arrays(a, direction, kind="torch")
     return dataclasses.replace(p, device="cuda:0"), a  # the engines see a CUDA call
 
@@ -150,3 +156,34 @@ def test_permutations_cached_per_device_and_size(fake_cuda):
     _, _, ops = run(p, a)
     assert plan._DEVICE_PLANS[key] is cached
     assert not any("arange" in op for op, _ in ops)  # the cached permutation is reused
+
+
+@pytest.mark.parametrize("name,L,direction,launches", [
+    ("cuda_fused", 1000, "forward", ["fftconv_fwd"]),
+    # the recompute of z (float32 output), then the backward with the float32 gate
+    ("cuda_fused", 1000, "backward", ["fftconv_fwd", "fftconv_bwd"]),
+    ("cuda_two_level", 40000, "forward", ["fftconv_long_fwd"]),
+])
+@pytest.mark.parametrize("mask", ["BH", "BHL"])
+def test_cuda_host_path_epilogue(fake_cuda, name, L, direction, launches, mask):
+    """An activation and a dropout mask reach the kernels (no host sync on the way): the act
+    code, the mask's float32 address and strides (0 along L for a (B, H) mask); in the fused
+    backward a z-only forward launch, then the backward with g_out_f32 and no dg_out."""
+    ext, host_calls = fake_cuda
+    p, a = meta_problem(3, 4, L, L, torch.bfloat16, direction, activation="silu", mask=mask)
+    got, out, ops = run(p, a)
+    assert got == name
+    assert not [op for op, devs in ops if "cpu" in devs] and host_calls == []
+    assert [n for n, _ in ext.launches] == launches
+    kw = dict(ext.epilogues)
+    if direction == "forward":
+        fwd = kw[launches[0]]
+        # (meta tensors have no address: the strides show what was passed)
+        assert fwd["act"] == 2
+        assert tuple(fwd["mask_strides"]) == ((4, 1, 0) if mask == "BH" else (4 * L, L, 1))
+    else:
+        fwd, bwd = kw["fftconv_fwd"], kw["fftconv_bwd"]
+        assert fwd["act"] == 0 and tuple(fwd["mask_strides"]) == (0, 0, 0)
+        assert tuple(fwd["z_strides"]) == (4 * L, L, 1)  # z only (float32, B H L)
+        assert bwd["g_out_f32"] is True
+        assert out[4] is not None and out[4].dtype == torch.bfloat16  # dg_out, made in torch

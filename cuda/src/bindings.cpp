@@ -125,7 +125,9 @@ const char* dtype_name(int dtype) {
   return "?";
 }
 
-flashconv::View3 view(uintptr_t p, const Strides& s) { return {as_ptr<const void*>(p), s[0], s[1], s[2]}; }
+flashconv::View3 view(uintptr_t p, const Strides& s, bool f32 = false) {
+  return {as_ptr<const void*>(p), s[0], s[1], s[2], f32};
+}
 flashconv::MutView3 mut_view(uintptr_t p, const Strides& s) { return {as_ptr<void*>(p), s[0], s[1], s[2]}; }
 
 // Runs a launcher on `device` and `stream` with the GIL released; errors name the kernel. The
@@ -145,16 +147,23 @@ void run_kernel(const char* kernel, int dtype, int64_t N, int device, Launch&& l
 }
 
 // The fused forward kernel on the caller's stream. Pointers are device addresses (0 for an
-// absent D or gate); strides are in elements; Python has validated everything.
+// absent D or gate); strides are in elements; Python has validated everything. The fused
+// epilogue: act (0 none, 1 GELU, 2 SiLU) and a float32 dropout mask (0: none; strides of its
+// (B, H, L) view, 0 along L for a (B, H) mask); z: a float32 (B, H, L) output of the
+// pre-activation value (0: none; y may then be 0).
 // K16 (bfloat16 only): the spectrum as fp16 in the tensor-core kernel's fragment order
 // (flashconv/spectrum.py: fragment_spectrum); 0 for the other dtypes.
 void fftconv_fwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t y, uintptr_t K,
                  uintptr_t K16, uintptr_t k_exp, uintptr_t D, int64_t B, int64_t H, int64_t L,
                  int64_t N, Strides u_s, Strides gi_s, Strides go_s, Strides y_s, int dtype,
-                 int device, uintptr_t stream) {
+                 int device, uintptr_t stream, int act, uintptr_t mask, Strides mask_s, uintptr_t z,
+                 Strides z_s) {
   flashconv::FwdParams p{};
   p.u = view(u, u_s), p.g_in = view(g_in, gi_s), p.g_out = view(g_out, go_s);
   p.y = mut_view(y, y_s);
+  p.act = act;
+  p.mask = view(mask, mask_s, true);
+  p.z = mut_view(z, z_s);
   p.spec = {as_ptr<const flashconv::cf32*>(K), as_ptr<const int32_t*>(k_exp),
             as_ptr<const uint16_t*>(K16)};
   p.D = as_ptr<const float*>(D);
@@ -166,15 +175,16 @@ void fftconv_fwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t y, uint
 
 // The fused backward kernel. dk (H, lk), dD (H,) and dk_rev (H, lk_rev) are float32 buffers
 // the kernel adds into (Python zeroes them); dg_in / dg_out / dD / dk_rev are 0 when not
-// wanted (dk_rev: not a bidirectional convolution).
+// wanted (dk_rev: not a bidirectional convolution). g_out_f32: g_out holds float32 (a call with
+// the fused epilogue passes g_out * mask * act'(z) there; fftconv_bwd.h).
 void fftconv_bwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t dy, uintptr_t du,
                  uintptr_t dg_in, uintptr_t dg_out, uintptr_t K, uintptr_t K16, uintptr_t k_exp, uintptr_t D,
                  uintptr_t dk, uintptr_t dD, uintptr_t dk_rev, int64_t B, int64_t H, int64_t L,
                  int64_t N, int64_t lk, int64_t lk_rev, Strides u_s, Strides gi_s, Strides go_s, Strides dy_s,
                  Strides du_s, Strides dgi_s, Strides dgo_s, int dtype, int device,
-                 uintptr_t stream) {
+                 uintptr_t stream, bool g_out_f32) {
   flashconv::BwdParams p{};
-  p.u = view(u, u_s), p.g_in = view(g_in, gi_s), p.g_out = view(g_out, go_s);
+  p.u = view(u, u_s), p.g_in = view(g_in, gi_s), p.g_out = view(g_out, go_s, g_out_f32);
   p.dy = view(dy, dy_s);
   p.du = mut_view(du, du_s), p.dg_in = mut_view(dg_in, dgi_s), p.dg_out = mut_view(dg_out, dgo_s);
   p.spec = {as_ptr<const flashconv::cf32*>(K), as_ptr<const int32_t*>(k_exp),
@@ -195,10 +205,13 @@ void fftconv_bwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t dy, uin
 void fftconv_long_fwd(uintptr_t u, uintptr_t g_in, uintptr_t g_out, uintptr_t y, uintptr_t K,
                       uintptr_t k_exp, uintptr_t D, uintptr_t ws, int64_t B, int64_t H, int64_t L,
                       int64_t N1, int64_t N2, Strides u_s, Strides gi_s, Strides go_s, Strides y_s,
-                      int dtype, int device, uintptr_t stream) {
+                      int dtype, int device, uintptr_t stream, int act, uintptr_t mask,
+                      Strides mask_s) {
   flashconv::FwdParams p{};
   p.u = view(u, u_s), p.g_in = view(g_in, gi_s), p.g_out = view(g_out, go_s);
   p.y = mut_view(y, y_s);
+  p.act = act;
+  p.mask = view(mask, mask_s, true);
   p.spec = {as_ptr<const flashconv::cf32*>(K), as_ptr<const int32_t*>(k_exp)};
   p.D = as_ptr<const float*>(D);
   p.B = B, p.H = H, p.L = L, p.N = N1 * N2;
@@ -230,12 +243,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dk"), py::arg("dD"), py::arg("dk_rev"), py::arg("B"), py::arg("H"), py::arg("L"),
         py::arg("N"), py::arg("lk"), py::arg("lk_rev"), py::arg("u_strides"), py::arg("g_in_strides"), py::arg("g_out_strides"),
         py::arg("dy_strides"), py::arg("du_strides"), py::arg("dg_in_strides"),
-        py::arg("dg_out_strides"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+        py::arg("dg_out_strides"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        py::arg("g_out_f32") = false);
   m.def("fftconv_fwd", &fftconv_fwd, "Fused block-FFT convolution forward (see ops.py).",
         py::arg("u"), py::arg("g_in"), py::arg("g_out"), py::arg("y"), py::arg("K"),
         py::arg("K16"), py::arg("k_exp"), py::arg("D"), py::arg("B"), py::arg("H"), py::arg("L"),
         py::arg("N"), py::arg("u_strides"), py::arg("g_in_strides"), py::arg("g_out_strides"),
-        py::arg("y_strides"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+        py::arg("y_strides"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        py::arg("act") = 0, py::arg("mask") = 0, py::arg("mask_strides") = Strides{0, 0, 0},
+        py::arg("z") = 0, py::arg("z_strides") = Strides{0, 0, 0});
   m.def("fftconv_fwd_smem", &flashconv::fftconv_fwd_smem, py::arg("dtype"), py::arg("N"),
         "Dynamic shared memory (bytes) of the fused forward launch at FFT size N.");
   m.def("fftconv_bwd_smem", &flashconv::fftconv_bwd_smem, py::arg("dtype"), py::arg("N"),
@@ -246,5 +262,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("k_exp"), py::arg("D"), py::arg("ws"), py::arg("B"), py::arg("H"), py::arg("L"),
         py::arg("N1"), py::arg("N2"), py::arg("u_strides"), py::arg("g_in_strides"),
         py::arg("g_out_strides"), py::arg("y_strides"), py::arg("dtype"), py::arg("device"),
-        py::arg("stream"));
+        py::arg("stream"), py::arg("act") = 0, py::arg("mask") = 0,
+        py::arg("mask_strides") = Strides{0, 0, 0});
 }

@@ -9,6 +9,7 @@ cudaError_t fftconv_long_fwd(const FwdParams& f, cf32* ws, int64_t N1, int64_t N
                              int num_sms, cudaStream_t stream) {
   LongParams p{};
   p.u = f.u, p.g_in = f.g_in, p.g_out = f.g_out, p.y = f.y, p.spec = f.spec, p.D = f.D;
+  p.act = f.act, p.mask = f.mask;
   p.ws = ws;
   p.B = f.B, p.H = f.H, p.L = f.L, p.N = f.N, p.N1 = N1, p.N2 = N2, p.C = 0;
   switch (dtype) {

@@ -25,16 +25,10 @@ def available():
 
 
 def cuda_reason(p):
-    """The reason shared by the CUDA engines, or "": not CUDA, an activation or dropout mask
-    (no kernel epilogue yet), extension or device unusable, not a kernel dtype."""
+    """The reason shared by the CUDA engines, or "": not CUDA, extension or device unusable,
+    not a kernel dtype."""
     if p.device_type != "cuda":
         return "u is on %s, not a CUDA device" % p.device
-    if p.has_epilogue:
-        # A reason of the call itself, stated before the machine's: such a call falls back to
-        # torch_fft without a KernelFallbackWarning (flashconv/dispatch.py).
-        return ("the fused kernels have no activation/dropout epilogue yet (%s)"
-                % ", ".join(w for w, on in ((p.activation, bool(p.activation)),
-                                            ("dropout_mask", p.has_dropout_mask)) if on))
     why = _cuda.unavailable_reason()
     if why:
         return why
@@ -102,10 +96,29 @@ def fragment_k(Kf, dtype):
     return fragment_spectrum(torch.view_as_complex(Kf)) if dtype == torch.bfloat16 else None
 
 
-def launch_forward(u, Kf, kexp, D, g_in, g_out):
-    """The fused forward kernel for a prepared (H, N, 2) float32 K: y (B, H, L). bfloat16 io
-    reads K as fp16 in the tensor-core kernel's fragment order (spectrum.fragment_spectrum,
-    made here on the device: 4N bytes per channel)."""
+# Activation codes of the kernels' fused epilogue (cuda/include/flashconv/fftconv_params.h).
+ACT_CODES = {None: 0, "": 0, "gelu": 1, "silu": 2}
+
+
+def mask_view(m):
+    """(float32 tensor, its (B, H, L) strides) of a dropout mask for the kernels: a (B, H) mask
+    is read with stride 0 along L (no copy); another dtype is converted to float32 once."""
+    import torch
+
+    if m is None:
+        return None, (0, 0, 0)
+    m = m.detach().to(torch.float32)
+    st = tuple(int(s) for s in m.stride())
+    return m, (st if m.ndim == 3 else st + (0,))
+
+
+def launch_forward(u, Kf, kexp, D, g_in, g_out, activation=None, dropout_mask=None, z=None):
+    """The fused forward kernel for a prepared (H, N, 2) float32 K: y = g_out * m * act(conv +
+    D x) (B, H, L), the epilogue in fp32 before the rounding to u's dtype. With z (a float32
+    (B, H, L) tensor) the kernel writes the pre-activation conv + D x there instead, and no y
+    (the backward's recompute; returns z). bfloat16 io reads K as fp16 in the tensor-core
+    kernel's fragment order (spectrum.fragment_spectrum, made here on the device: 4N bytes per
+    channel)."""
     import torch
 
     from flashconv import _ext
@@ -116,12 +129,14 @@ def launch_forward(u, Kf, kexp, D, g_in, g_out):
     Df = None if D is None else D.detach().to(torch.float32).contiguous()
     gi = None if g_in is None else g_in.detach().to(u.dtype)
     go = None if g_out is None else g_out.detach().to(u.dtype)
-    y = torch.empty((B, H, L), dtype=u.dtype, device=u.device)
+    m, m_st = mask_view(dropout_mask)
+    y = None if z is not None else torch.empty((B, H, L), dtype=u.dtype, device=u.device)
     _ext.extension().fftconv_fwd(
         ptr(u), ptr(gi), ptr(go), ptr(y), ptr(Kf), ptr(K16), ptr(kexp), ptr(Df), B, H, L, N,
         strides(u), strides(gi), strides(go), strides(y), _cuda.DTYPE_CODES[_name(u.dtype)],
-        u.device.index, stream(u.device))
-    return y
+        u.device.index, stream(u.device), act=ACT_CODES[activation], mask=ptr(m),
+        mask_strides=m_st, z=ptr(z), z_strides=strides(z))
+    return z if z is not None else y
 
 
 def _name(dtype):
@@ -131,11 +146,30 @@ def _name(dtype):
 def forward(p, a):
     N = fused_fft_size(p.L)
     Kf, kexp = kernel_spectrum(a.k, a.k_exponent, p.L, N, a.k_rev, p.dtype)
-    return launch_forward(a.u, Kf, kexp, a.D, a.g_in, a.g_out)
+    return launch_forward(a.u, Kf, kexp, a.D, a.g_in, a.g_out, a.activation, a.dropout_mask)
+
+
+def epilogue_gate(u, Kf, kexp, D, g_in, g_out, dy, activation, dropout_mask, need_go):
+    """The fused epilogue's backward factors, in float32: (gate, dg_out) with gate = g_out * m *
+    act'(z) (B, H, L) and dg_out = dy * m * act(z) (u's dtype, or None). z = conv + D x is
+    recomputed by one more fused forward launch with a float32 z output (4 bytes per element,
+    freed here), then the factors by torch elementwise in float32 (flashconv/_epilogue.py):
+    transient memory about 12 bytes per element, the gate's 4 kept for the backward launch."""
+    import torch
+
+    from flashconv._epilogue import mask3, t_grad
+
+    z = torch.empty(u.shape, dtype=torch.float32, device=u.device)
+    launch_forward(u, Kf, kexp, D, g_in, None, z=z)
+    gate, gz = t_grad(z, dy, activation, mask3(dropout_mask), g_out, need_go)
+    del z
+    return gate.contiguous(), (None if gz is None else gz.to(u.dtype))
 
 
 def backward(p, a, dy, mask):
-    """The fused backward kernel: (du, dk, dD, dg_in, dg_out, dk_rev)."""
+    """The fused backward kernel: (du, dk, dD, dg_in, dg_out, dk_rev). With the fused epilogue
+    (an activation or a dropout mask): epilogue_gate, then the kernel with that float32 gate
+    in g_out's place (dz = dy * gate formed in fp32 on chip) and dg_out from epilogue_gate."""
     import torch
 
     from flashconv import _ext
@@ -151,7 +185,8 @@ def backward(p, a, dy, mask):
     dev = u.device
     du = torch.empty((B, H, L), dtype=u.dtype, device=dev)  # the kernel always writes du
     dgi = torch.empty((B, H, L), dtype=u.dtype, device=dev) if need_gi else None
-    dgo = torch.empty((B, H, L), dtype=u.dtype, device=dev) if need_go else None
+    epi = bool(a.activation) or a.dropout_mask is not None
+    dgo = torch.empty((B, H, L), dtype=u.dtype, device=dev) if need_go and not epi else None
     dk_acc = torch.zeros((H, lk), dtype=torch.float32, device=dev)  # accumulated (+=) in fp32
     dD_acc = torch.zeros((H,), dtype=torch.float32, device=dev) if need_D else None
     dkr_acc = torch.zeros((H, lkr), dtype=torch.float32, device=dev) if need_kr else None
@@ -159,12 +194,18 @@ def backward(p, a, dy, mask):
     gi = None if g_in is None else g_in.detach().to(u.dtype)
     go = None if g_out is None else g_out.detach().to(u.dtype)
     dy = dy.to(u.dtype)
+    dgo_epi = None
+    if epi:
+        go, dgo_epi = epilogue_gate(u, Kf, kexp, D, gi, go, dy, a.activation, a.dropout_mask,
+                                    need_go)
     K16 = fragment_k(Kf, u.dtype)
     _ext.extension().fftconv_bwd(
         ptr(u), ptr(gi), ptr(go), ptr(dy), ptr(du), ptr(dgi), ptr(dgo), ptr(Kf), ptr(K16),
         ptr(kexp), ptr(Df), ptr(dk_acc), ptr(dD_acc), ptr(dkr_acc), B, H, L, N, lk, lkr,
         strides(u), strides(gi), strides(go), strides(dy), strides(du), strides(dgi),
-        strides(dgo), _cuda.DTYPE_CODES[p.dtype], dev.index, stream(dev))
+        strides(dgo), _cuda.DTYPE_CODES[p.dtype], dev.index, stream(dev), g_out_f32=epi)
+    if epi:
+        dgo = dgo_epi
     return (du if need_u else None,
             kernel_grad(k, lk, dk_acc) if need_k else None,
             dD_acc.to(D.dtype) if need_D else None,

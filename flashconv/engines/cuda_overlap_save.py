@@ -30,6 +30,9 @@ def check(p):
         return why
     if p.backward:
         return "forward only"
+    if p.has_epilogue:
+        return ("the overlap-save blocks have no activation/dropout epilogue (the fused and "
+                "two-level kernels do)")
     if p.k_form != "taps":
         return "k is a precomputed spectrum (needs the taps)"
     if p.has_k_rev:

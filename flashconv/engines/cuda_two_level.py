@@ -1,6 +1,6 @@
 """Engine cuda_two_level: long sequences on CUDA beyond the fused kernel's on-chip size, by a
 two-level block FFT N = N1 * N2 (flashconv/_long.py; cuda/include/flashconv/fftconv_long.h):
-forward by the two-level kernel; backward composed by flashconv/grads.py from it (dx: the
+forward by the two-level kernel (with the fused activation/dropout epilogue in its last pass); backward composed by flashconv/grads.py from it (dx: the
 kernel with the conjugate spectrum) and batch-chunked torch.fft (dk).
 
 Serves CUDA float32/float16/bfloat16 tensors with k as taps, up to L = 8M (N <= 2^24), where
@@ -46,8 +46,10 @@ def _spectrum(p, a, u_plan):
 
 def forward(p, a):
     spec = _spectrum(p, a, a.u)
-    return _long.fftconv_long_forward(a.u, a.k, a.D, a.g_in, a.g_out, a.k_rev, spectrum=spec)
+    return _long.fftconv_long_forward(a.u, a.k, a.D, a.g_in, a.g_out, a.k_rev, spectrum=spec,
+                                      activation=a.activation, dropout_mask=a.dropout_mask)
 
 
 def backward(p, a, dy, mask):
-    return _long.fftconv_long_backward(dy, a.u, a.k, a.D, a.g_in, a.g_out, a.k_rev, mask)
+    return _long.fftconv_long_backward(dy, a.u, a.k, a.D, a.g_in, a.g_out, a.k_rev, mask,
+                                       activation=a.activation, dropout_mask=a.dropout_mask)

@@ -246,10 +246,29 @@ struct Optional {
   }
 };
 
+// The fused epilogue's inputs every forward case shares: param act (0 none, 1 GELU, 2 SiLU) and,
+// when has_mask=1, a float32 mask viewed through mask_sb/mask_sh/mask_st (mask_st = 0: a
+// (B, H) mask). The array lives as long as this object.
+struct EpilogueIn {
+  Array<float> mask;
+  int act = 0;
+  flashconv::View3 view{};
+
+  explicit EpilogueIn(const Io& io) {
+    act = int(param_or(io, "act", 0));
+    if (param_or(io, "has_mask", 0)) {
+      mask = io.in<float>("mask");
+      view = view3(io, mask.ptr(), "mask");
+      view.f32 = true;
+    }
+  }
+};
+
 // The fused forward kernel. u (and the gates, when has_gates=1, sharing u's strides): flat
 // buffers of the io dtype viewed through B, H, L and u_sb/u_sh/u_st; D when has_D=1.
-// K: (H, N, 2) float32, k_exp: (H,) int32. Output y: (B, H, L). num_sms sizes the grid like
-// the GPU launcher (CTAs per channel).
+// K: (H, N, 2) float32, k_exp: (H,) int32. Output y: (B, H, L); with want_z=1 only the float32
+// pre-activation z (B, H, L) (the backward's recompute). The epilogue: EpilogueIn. num_sms
+// sizes the grid like the GPU launcher (CTAs per channel).
 template <class T>
 hw::Error fftconv_fwd(Io& io) {
   flashconv::FwdParams p{};
@@ -266,14 +285,22 @@ hw::Error fftconv_fwd(Io& io) {
   }
   const Optional<T> opt(io, p.H, p.L);
   p.D = opt.D_ptr, p.g_in = opt.g_in, p.g_out = opt.g_out;
-  auto& y = io.out<T>("y", {size_t(p.B), size_t(p.H), size_t(p.L)});
-  p.y = dense3(y.ptr(), p.H, p.L);
+  const EpilogueIn epi(io);
+  p.act = epi.act, p.mask = epi.view;
+  if (param_or(io, "want_z", 0)) {
+    auto& z = io.out<float>("z", {size_t(p.B), size_t(p.H), size_t(p.L)});
+    p.z = dense3(z.ptr(), p.H, p.L);
+  } else {
+    auto& y = io.out<T>("y", {size_t(p.B), size_t(p.H), size_t(p.L)});
+    p.y = dense3(y.ptr(), p.H, p.L);
+  }
   return flashconv::fftconv_fwd_launch<T>(p, int(param_or(io, "num_sms", 1)), nullptr);
 }
 
 // The fused backward kernel: inputs as fftconv_fwd plus dy (dense (B, H, L)) and lk; outputs
 // du, dk (H, lk), dD (H,) when has_D, dg_in and dg_out when has_gates, dk_rev (H, lk_rev)
-// when lk_rev > 0 (K then holds the bidirectional spectrum).
+// when lk_rev > 0 (K then holds the bidirectional spectrum). With gate32=1 (and has_gates=1)
+// g_out is float32 (the fused epilogue's factor g_out m act'(z), dense) and no dg_out is made.
 template <class T>
 hw::Error fftconv_bwd(Io& io) {
   flashconv::BwdParams p{};
@@ -310,16 +337,23 @@ hw::Error fftconv_bwd(Io& io) {
     std::fill(dk_rev.data.begin(), dk_rev.data.end(), 0.f);
     p.dk_rev = dk_rev.ptr();
   }
+  Array<float> g32;
+  const bool gate32 = param_or(io, "gate32", 0) != 0;
+  if (gate32) {
+    g32 = io.in<float>("g_out32");
+    p.g_out = {g32.ptr(), p.H * p.L, p.L, 1, true};
+  }
   if (opt.gates) {
     p.dg_in = dense3(io.out<T>("dg_in", bhl).ptr(), p.H, p.L);
-    p.dg_out = dense3(io.out<T>("dg_out", bhl).ptr(), p.H, p.L);
+    if (!gate32) p.dg_out = dense3(io.out<T>("dg_out", bhl).ptr(), p.H, p.L);
   }
   return flashconv::fftconv_bwd_launch<T>(p, int(param_or(io, "num_sms", 1)), nullptr);
 }
 
 // The two-level (long) forward convolution (fftconv_long.h): dense u (B, H, L) of the io
 // dtype, K (H, N1, N2, 2) float32 in the two-level order, k_exp (H,) int32, D when has_D=1,
-// dense gates when has_gates=1; params B H L N1 N2 [C] [num_sms]. Output y (B, H, L).
+// dense gates when has_gates=1, the epilogue (EpilogueIn); params B H L N1 N2 [C] [num_sms].
+// Output y (B, H, L).
 template <class T>
 hw::Error fftconv_long(Io& io) {
   flashconv::LongParams p{};
@@ -332,6 +366,8 @@ hw::Error fftconv_long(Io& io) {
   p.spec = {reinterpret_cast<const flashconv::cf32*>(K.ptr()), k_exp.ptr()};
   const Optional<T> opt(io, p.H, p.L);
   p.D = opt.D_ptr, p.g_in = opt.g_in, p.g_out = opt.g_out;
+  const EpilogueIn epi(io);
+  p.act = epi.act, p.mask = epi.view;
   // NaN-filled like uninitialised device memory: a value pass A never writes stands out.
   std::vector<flashconv::cf32, Aligned<flashconv::cf32>> ws(size_t(flashconv::long_workspace_elems(p.B, p.H, p.N)),
                                   flashconv::cf32{std::nanf(""), std::nanf("")});

@@ -6,6 +6,10 @@
 //   dk_rev[s] = sum_b sum_t dz[b,t] x[b,t+s]   (the same IFFT at negative lags)
 //   dD      = sum_b sum_t dz[b,t] x[b,t]
 //
+// The fused epilogue (y = g_out m act(z)): the caller recomputes z with the forward kernel (its
+// float32 z output), passes g_out m act'(z) as a float32 g_out (View3::f32), so dz is formed
+// in fp32 here, and computes dg_out = dy m act(z) itself.
+//
 // One CTA per channel loops over groups of pp pairs (pp = 4096/N for N < 4096, else 1); the
 // phases of tc_core.h on three rows per pair -- X (then the dk product), DZ (then dx) and,
 // when dg_out is wanted, Z -- with barriers shared between rows:

@@ -7,6 +7,9 @@
 //   dD      = sum_b sum_t dz[b,t] x[b,t]
 //   dk_rev[s] = sum_b sum_t dz[b,t] x[b,t+s]        (the same IFFT at negative lags N - s)
 // (Bidirectional convolution needs nothing else: K already holds FFT(k) + conj(FFT(k_rev)).)
+// The fused epilogue (y = g_out m act(z)): the caller recomputes z with the forward kernel (its
+// float32 z output), passes g_out m act'(z) as a float32 g_out (View3::f32), so dz is formed
+// in fp32 here, and computes dg_out = dy m act(z) itself.
 //
 // One CTA per channel h loops over pairs of batch rows packed as one complex row, like the
 // forward (fftconv_fwd.h). With packed X = X1 + i X2 and DZ = DZ1 + i DZ2 (spectra of real

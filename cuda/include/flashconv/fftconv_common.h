@@ -35,11 +35,39 @@ FC_DEVICE void store(const MutView3& v, int64_t b, int64_t h, int64_t t, float x
   hw::stg(static_cast<T*>(v.p) + (b * v.sb + h * v.sh + t * v.st), hw::from_float<T>(x), tensor, at);
 }
 
+// Element (b, h, t) of a present gate: the io dtype T, or float32 where gate.f32.
+template <class T>
+FC_DEVICE float gate_at(const View3& gate, int64_t b, int64_t h, int64_t t, const char* tensor,
+                        hw::Site at = hw::Site::current()) {
+  return gate.f32 ? load<float>(gate, b, h, t, tensor, at) : load<T>(gate, b, h, t, tensor, at);
+}
+
 // a * b where b is an optional gate (absent: 1).
 template <class T>
 FC_DEVICE float gated(float a, const View3& gate, int64_t b, int64_t h, int64_t t,
                       const char* tensor, hw::Site at = hw::Site::current()) {
-  return gate.p ? a * load<T>(gate, b, h, t, tensor, at) : a;
+  return gate.p ? a * gate_at<T>(gate, b, h, t, tensor, at) : a;
+}
+
+// The activation of the fused epilogue (fftconv_params.h: Activation), in fp32: GELU in its
+// exact form z Phi(z) = z erfc(-z / sqrt 2) / 2 (no cancellation for negative z), SiLU
+// z / (1 + e^-z) (a hardware reciprocal: no division routine; 2 ulp, and 0 where e^-z
+// overflows, where the exact value is below float's range anyway).
+FC_DEVICE float activate(float z, int act) {
+  if (act == kActGelu) return 0.5f * z * erfcf(z * -0.707106781186547524f);
+#if defined(__CUDACC__)
+  if (act == kActSilu) return __fdividef(z, 1.f + expf(-z));
+#else
+  if (act == kActSilu) return z / (1.f + expf(-z));
+#endif
+  return z;
+}
+
+// The fused epilogue before g_out: y = m * act(z) (m: the optional float32 dropout mask).
+FC_DEVICE float epilogue(float z, int act, const View3& mask, int64_t b, int64_t h, int64_t t,
+                         hw::Site at = hw::Site::current()) {
+  const float a = activate(z, act);
+  return mask.p ? a * load<float>(mask, b, h, t, "mask", at) : a;
 }
 
 // NaN-propagating max, so a NaN input is seen by the reduction.

@@ -1,7 +1,9 @@
 // The fused block-FFT causal convolution, forward (docs/kernels.md):
 //
-//   y[b,h,t] = g_out * ( sum_{s<=t} k[h,s] x[b,h,t-s] + D[h] x[b,h,t] ),  x = g_in * u
+//   y[b,h,t] = g_out * m * act( sum_{s<=t} k[h,s] x[b,h,t-s] + D[h] x[b,h,t] ),  x = g_in * u
 //
+// m (a float32 dropout mask, (B, H) or (B, H, L)) and act (none, GELU, SiLU) are the optional
+// fused epilogue (flashconv/_epilogue.py), applied in fp32 before the one rounding to T.
 // One CTA serves one channel h and loops over pairs of batch rows (b, b+1), packed as the
 // real and imaginary parts of one complex row z = x_b + i x_{b+1} (k is real, so
 // FFT(z) * K = FFT(x_b * k) + i FFT(x_{b+1} * k)). Per pair, all on chip:
@@ -10,7 +12,9 @@
 //   3. forward stages                       // X = F16 @ X; X = X * tw   (block_fft.h)
 //   4. buf[p] *= K[h, p]                    // pointwise, Monarch order, no permutation
 //   5. inverse stages, last one to HBM      // X = tw* X; X = conj(F16) @ X
-//      y = (Re | Im) * 2^(e + k_exp[h] + stage gains) / N + D x, times g_out
+//      z = (Re | Im) * 2^(e + k_exp[h] + stage gains) / N + D x
+//      y = g_out * m * act(z)  (the fused epilogue: activation and dropout mask optional;
+//      or z itself in float32, the backward's recompute)
 // HBM sees u (and gates) and y; K and u's second read come from L2.
 //
 // Plans (N = smallest power of two >= max(2L, 32); radices, first stage first):
@@ -90,9 +94,11 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, 2) fftconv_fwd_kernel(FwdParams p) {
       block_fft_inverse(buf, N, plan, F, &overflow, [&](int64_t t, float re, float im) {
         if (t >= L) return;  // the discarded half
         each_row(b0, p.B, re, im, [&](int64_t b, float conv) {
-          float y = conv * undo;
-          if (p.D) y += d * x_at(b, t);
-          store<T>(p.y, b, h, t, gated<T>(y, p.g_out, b, h, t, "g_out"), "y");
+          float z = conv * undo;
+          if (p.D) z += d * x_at(b, t);
+          if (p.z.p) store<float>(p.z, b, h, t, z, "z");
+          if (p.y.p)
+            store<T>(p.y, b, h, t, gated<T>(epilogue(z, p.act, p.mask, b, h, t), p.g_out, b, h, t, "g_out"), "y");
         });
       });
       // An overflowed fp16 store was clamped: redo the pair at a smaller scale.

@@ -2,7 +2,8 @@
 // "Beyond one CTA's shared memory"): a two-level block FFT N = N1 * N2, N2 the inner size the on-chip
 // stages handle (block_fft.h), N1 the outer factor, one outer stage through HBM.
 //
-//   y[b,h,t] = g_out * ( sum_{s<=t} k[h,s] x[b,h,t-s] + D[h] x[b,h,t] ),  x = g_in * u
+//   y[b,h,t] = g_out * m * act( sum_{s<=t} k[h,s] x[b,h,t-s] + D[h] x[b,h,t] ),  x = g_in * u
+//   (m, act: the optional fused epilogue, as in fftconv_fwd.h)
 //
 // Pairs of batch rows are packed as one complex row z = x_b + i x_{b+1} (as the fused kernel).
 // With n = n1 N2 + n2 and frequency f = k1 + N1 k2:
@@ -19,7 +20,7 @@
 //     with a power of two row scale (range: the fp32 stages' gain, up to N2 on constant data).
 //   pass C (outer inverse, CUDA cores, fp32): per (h, pair, column tile), times
 //     conj(w_N^(k1 n2)), the conjugate outer stages (Monarch k1 -> natural n1), then only
-//     t < L: y = g_out * (Re | Im * 2^(k_exp[h]) / N1 + D x).
+//     t < L: y = g_out * m * act(Re | Im * 2^(k_exp[h]) / N1 + D x).
 // K (H, N1, N2) complex fp32: K[h][p1][p2] = FFT_N(k)[perm1[p1] + N1 perm2[p2]] * 2^-k_exp[h]
 // (flashconv/_long.py: long_spectrum). The workspace (ceil(B/2), H, N) complex fp32 is the
 // only intermediate.
@@ -41,6 +42,8 @@ namespace flashconv {
 struct LongParams {
   View3 u, g_in, g_out;  // gates may be absent
   MutView3 y;
+  int act = kActNone;  // the fused epilogue (fftconv_fwd.h): y = g_out * m * act(z)
+  View3 mask{};        // float32 dropout mask (st = 0 for a (B, H) mask), or null
   Spectrum spec;   // K: (H, N1, N2) in the two-level order above; k_exp (H,)
   const float* D;  // (H,) or null
   cf32* ws;        // (ceil(B/2), H, N1, N2) workspace
@@ -300,9 +303,9 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, 2) fftconv_long_outer_inv_kernel(LongP
       for (int j = 0; j < 2; ++j) {
         const int64_t b = b0 + j;
         if (b >= p.B) break;
-        float y = (j ? im : re) * undo;
-        if (p.D) y += d * x_at(b, t);
-        store<T>(p.y, b, h, t, gated<T>(y, p.g_out, b, h, t, "g_out"), "y");
+        float z = (j ? im : re) * undo;
+        if (p.D) z += d * x_at(b, t);
+        store<T>(p.y, b, h, t, gated<T>(epilogue(z, p.act, p.mask, b, h, t), p.g_out, b, h, t, "g_out"), "y");
       }
     });
   }

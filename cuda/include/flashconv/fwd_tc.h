@@ -1,7 +1,8 @@
 // The fused forward convolution for bfloat16 io on tensor cores (docs/kernels.md):
 //
-//   y[b,h,t] = g_out * ( sum_{s<=t} k[h,s] x[b,h,t-s] + D[h] x[b,h,t] ),  x = g_in * u
+//   y[b,h,t] = g_out * m * act( sum_{s<=t} k[h,s] x[b,h,t-s] + D[h] x[b,h,t] ),  x = g_in * u
 //
+// (m, act: the optional fused epilogue, fftconv_fwd.h.)
 // One CTA serves one channel h and loops over groups of pp pairs of batch rows (pp = 8192/N for
 // N < 8192, else 1, so that every warp has several 256-element groups), each pair packed as
 // one complex row z = x_b + i x_{b+1} (tc_core.h: the row, its phases). Per group of pairs:
@@ -13,7 +14,7 @@
 //                                                                              [barrier]
 //   inv.16    (N >= 4K) X = X * conj(w_4096); X = conj(F16) @ X             [barrier]
 //   inv.r     X = X * conj(w_N); X = conj(F_r) @ X, t < N/2 only;
-//             y = (conv * 2^(e + gains + k_exp) / N + D x) * g_out -> HBM   [barrier: OR]
+//             y = g_out m act(conv * 2^(e + gains + k_exp) / N + D x) -> HBM [barrier: OR]
 // If a conv value is not finite while its pair's input is (an fp16 overflow), the pairs are
 // redone with the input scaled down by a further 2^-6 (at most three times).
 // HBM sees u, the gates and y once; K is read from HBM once per CTA (N <= 8K: it stays in
@@ -40,7 +41,10 @@ FC_HOST_DEVICE constexpr size_t fwd_smem_bytes(int64_t N) {
   return size_t(N <= kFwdKInSmemMaxN ? 4 * N : 0) + (size_t(6 * N) << fwd_lgpp(ilog2(uint32_t(N))));
 }
 
-// The epilogue of the forward: each inverse unit's conv values to y.
+// The epilogue of the forward: each inverse unit's conv values to y. kEpi: the fused epilogue
+// (activation, dropout mask, the float32 z output) is compiled in; a separate instantiation,
+// so that the plain forward keeps its registers (the epilogue's would spill it at 128).
+template <bool kEpi>
 struct FwdEpilogue {
   const FwdParams* p;
   const Staged* in;
@@ -67,8 +71,13 @@ struct FwdEpilogue {
         const float v = r ? im[j] : re[j];
         *bad |= !finite(v) && finite(mx);
         y[j] = v * undo + (p->D ? d * x[j] : 0.f);
+        if (kEpi && t + j < p->L) {
+          if (p->z.p) store<float>(p->z, b, in->h, t + j, y[j], "z");
+          y[j] = epilogue(y[j], p->act, p->mask, b, in->h, t + j);
+        }
         if (p->g_out.p && t + j < p->L) y[j] *= load<bf16_t>(p->g_out, b, in->h, t + j, "g_out");
       }
+      if (kEpi && !p->y.p) continue;  // z only
       bf16_t* dst = static_cast<bf16_t*>(p->y.p) + b * p->y.sb + in->h * p->y.sh;
       if (vec_y && t + C <= p->L) {
         Vh<C> v;
@@ -103,7 +112,7 @@ FC_DEVICE void fwd_groups(const Rows& w, const FragsSmem* frags, const uint16_t*
   hw::sync_block();
 }
 
-template <int R>
+template <int R, bool kEpi>
 FC_DEVICE void fwd_run(const FwdParams& p, const Rows& w, Staged in, const FragsSmem* frags,
                        const uint16_t* Ks, const uint16_t* Kg, uint32_t (*red)[kMaxPairs],
                        int iters) {
@@ -127,7 +136,7 @@ FC_DEVICE void fwd_run(const FwdParams& p, const Rows& w, Staged in, const Frags
       if (w.m) stage16_s256(w, frags, true, R == 1);
       FC_REGION("inv.r");
       int bad = 0;
-      inverse_r<R>(w, false, FwdEpilogue{&p, &in, red[parity], in.pair0, d, gains, kRetryShift * attempt,
+      inverse_r<R>(w, false, FwdEpilogue<kEpi>{&p, &in, red[parity], in.pair0, d, gains, kRetryShift * attempt,
                                          vec_y, &bad});
       FC_REGION("overflow");
       if (!hw::sync_block_or(bad) || attempt >= kRetries) break;
@@ -141,14 +150,15 @@ namespace flashconv {
 
 // CTAs per SM the forward is compiled for: two on sm_90 (at most 128 registers, 125 used);
 // sm_80's code generation needs about 174 for the same code and spilled at 128 (14 stores, 52
-// loads), so there it asks for one CTA (8 warps) per SM and no spills.
-#define FC_FWD_TC_MIN_BLOCKS (FC_ARCH_SM80 ? 1 : 2)
+// loads), so there it asks for one CTA (8 warps) per SM and no spills. The instantiation with
+// the fused epilogue (kEpi) asks for one everywhere: at 128 it spilled 66 bytes on sm_90.
+#define FC_FWD_TC_MIN_BLOCKS(kEpi) ((kEpi || FC_ARCH_SM80) ? 1 : 2)
 
 // The fused forward kernel for bfloat16 io (grid (H, CTAs per channel), kThreads threads;
 // FC_FWD_TC_MIN_BLOCKS above). A template (T = bf16_t only) so that every translation unit
-// including this header may define it.
-template <class T>
-FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, FC_FWD_TC_MIN_BLOCKS) fftconv_fwd_tc_kernel(FwdParams p) {
+// including this header may define it; kEpi: with the fused epilogue (FwdEpilogue).
+template <class T, bool kEpi>
+FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, FC_FWD_TC_MIN_BLOCKS(kEpi)) fftconv_fwd_tc_kernel(FwdParams p) {
   static_assert(std::is_same_v<T, bf16_t>, "the tensor-core forward serves bfloat16 io");
   using namespace tc;
   FC_SHARED uint32_t red[2][kMaxPairs];  // per pair max |x|, by iteration parity
@@ -171,10 +181,10 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, FC_FWD_TC_MIN_BLOCKS) fftconv_fwd_tc_k
   const uint16_t* Kg = p.spec.K16 + (size_t(in.h) << (lgN + 1));
   const int iters = int((((p.B + 1) / 2) + (1 << w.lgpp) - 1) >> w.lgpp);
   switch (w.lgr) {
-    case 0: tc::fwd_run<1>(p, w, in, &frags, k_smem ? smem : nullptr, Kg, red, iters); break;
-    case 1: tc::fwd_run<2>(p, w, in, &frags, k_smem ? smem : nullptr, Kg, red, iters); break;
-    case 2: tc::fwd_run<4>(p, w, in, &frags, k_smem ? smem : nullptr, Kg, red, iters); break;
-    default: tc::fwd_run<8>(p, w, in, &frags, k_smem ? smem : nullptr, Kg, red, iters); break;
+    case 0: tc::fwd_run<1, kEpi>(p, w, in, &frags, k_smem ? smem : nullptr, Kg, red, iters); break;
+    case 1: tc::fwd_run<2, kEpi>(p, w, in, &frags, k_smem ? smem : nullptr, Kg, red, iters); break;
+    case 2: tc::fwd_run<4, kEpi>(p, w, in, &frags, k_smem ? smem : nullptr, Kg, red, iters); break;
+    default: tc::fwd_run<8, kEpi>(p, w, in, &frags, k_smem ? smem : nullptr, Kg, red, iters); break;
   }
 }
 
@@ -186,8 +196,10 @@ inline hw::Error fftconv_fwd_tc_launch(const FwdParams& p, int num_sms, hw::Stre
   if (p.B == 0 || p.H == 0 || p.L == 0) return hw::Success;
   const int lgpp = tc::fwd_lgpp(tc::ilog2(uint32_t(p.N)));
   const int64_t iters = ((p.B + 1) / 2 + (int64_t(1) << lgpp) - 1) >> lgpp;
-  return hw::launch(fftconv_fwd_tc_kernel<bf16_t>, channel_grid(p.H, iters, num_sms), kThreads,
-                    tc::fwd_smem_bytes(p.N), stream, p);
+  const hw::Grid grid = channel_grid(p.H, iters, num_sms);
+  if (p.act || p.mask.p || p.z.p)
+    return hw::launch(fftconv_fwd_tc_kernel<bf16_t, true>, grid, kThreads, tc::fwd_smem_bytes(p.N), stream, p);
+  return hw::launch(fftconv_fwd_tc_kernel<bf16_t, false>, grid, kThreads, tc::fwd_smem_bytes(p.N), stream, p);
 }
 
 }  // namespace flashconv

@@ -240,7 +240,7 @@ FC_DEVICE bool vectorizable(const void* ptr, int64_t sb, int64_t sh, int64_t st,
 // L and for a missing row), times an optional gate read from global memory: x = gate * staged.
 struct Staged {
   uint16_t* U;
-  View3 src, gate;  // src: what is staged; gate.p null: none
+  View3 src, gate;  // src: what is staged; gate.p null: none (bf16, or float32 where gate.f32)
   const char *src_name, *gate_name;
   int64_t h, pair0, B, L;
   int lgN, lgpp;
@@ -285,7 +285,7 @@ struct Staged {
       FC_UNROLL
       for (int j = 0; j < 8; ++j) {
         float x = (j & 1) ? bf16_hi(v.w[j >> 1]) : bf16_lo(v.w[j >> 1]);
-        if (gate.p && b < B && t0 + j < L) x *= load<bf16_t>(gate, b, h, t0 + j, gate_name);
+        if (gate.p && b < B && t0 + j < L) x *= gate_at<bf16_t>(gate, b, h, t0 + j, gate_name);
         m = max_nan(m, fabsf(x));
       }
       FC_UNROLL
@@ -311,7 +311,7 @@ struct Staged {
       const int64_t b = 2 * (pair0 + pi) + r;
       FC_UNROLL
       for (int j = 0; j < C; ++j)
-        out[j] = (b < B && t + j < L) ? out[j] * load<bf16_t>(gate, b, h, t + j, gate_name) : 0.f;
+        out[j] = (b < B && t + j < L) ? out[j] * gate_at<bf16_t>(gate, b, h, t + j, gate_name) : 0.f;
     }
   }
 };
