@@ -104,9 +104,12 @@ def _inputs(kind, dtype, B, L, rng):
 
 
 def pairs_per_iteration(kind, dtype, L):
-    """Pairs of batch rows a CTA processes at once: the bfloat16 forward batches pp = 8192/N
-    pairs for N < 8192 (cuda/include/flashconv/fwd_tc.h, make_shape); everything else one."""
-    if kind == "fwd" and dtype == "bf16":
+    """Pairs of batch rows a CTA processes at once: the bfloat16 tensor-core forward and
+    backward batch pp = 8192/N pairs for N < 8192 (cuda/include/flashconv/fwd_tc.h fwd_lgpp,
+    bwd_tc.h bwd_lgpp; the model's backward has no gates, so no dg_out rows); everything else
+    one. (Until 2026-11-29 this said one for the backward, which batched 4096/N pairs: its
+    B = 2 and B = 4 runs were the same iteration, and its rows below N = 4K were too fast.)"""
+    if dtype == "bf16" and ((kind == "fwd") or (kind == "bwd" and fused_fft_size(L) <= 8192)):
         return max(1, 8192 // fused_fft_size(L))
     return 1
 

@@ -132,24 +132,28 @@ def static_smem(backward=False):
     the report has none. The opt-in limit applies to static plus dynamic shared memory."""
     key = ("static", backward)
     if key not in _MAX_N:
-        name = "fftconv_bwd_kernel" if backward else "fftconv_fwd_kernel"
+        d = "bwd" if backward else "fwd"
+        names = ("fftconv_%s_kernel" % d, "fftconv_%s_tc_kernel" % d)  # fp32 stages, tensor cores
         sizes = [int(k.get("smem") or 0) for k in _ext.build_info().get("kernels", [])
-                 if name in (k.get("demangled") or k.get("name") or "")]
+                 if any(n in (k.get("demangled") or k.get("name") or "") for n in names)]
         _MAX_N[key] = max(sizes) if sizes else 1024
     return _MAX_N[key]
 
 
 def fused_max_n(dtype, device_index, backward=False):
     """The largest FFT size the fused forward (backward) kernel runs for `dtype` on a device:
-    its own limit, halved until its rows plus its static shared memory fit in the opt-in
-    shared memory; 0 where the extension, a device or the dtype is missing."""
+    the largest power of two up to its own limit such that, at it and every size below it, the
+    launch's dynamic shared memory plus its static shared memory fit in the opt-in shared
+    memory (sizes are not monotone: smaller N batch more pairs, and the bfloat16 backward
+    changes kernels above 8K); 0 where the extension, a device or the dtype is missing."""
     if unavailable_reason() or dtype not in DTYPE_CODES:
         return 0
-    max_n = kernel_max_n(dtype, backward)
+    limit = kernel_max_n(dtype, backward)
     smem = max_smem(device_index) - static_smem(backward)
-    while max_n and launch_smem(dtype, max_n, backward) > smem:
-        max_n //= 2
-    return max_n
+    best, n = 0, 32
+    while n <= limit and launch_smem(dtype, n, backward) <= smem:
+        best, n = n, 2 * n
+    return best
 
 
 def launch_smem(dtype, n, backward=False):

@@ -10,7 +10,8 @@
 // float32 z output), passes g_out m act'(z) as a float32 g_out (View3::f32), so dz is formed
 // in fp32 here, and computes dg_out = dy m act(z) itself.
 //
-// One CTA per channel loops over groups of pp pairs (pp = 4096/N for N < 4096, else 1); the
+// One CTA per channel loops over groups of pp pairs (pp = 8192/N for N < 8192, else 1; with
+// dg_out at N = 4096 only 1, so that the rows fit an A100's 163 KB); the
 // phases of tc_core.h on three rows per pair -- X (then the dk product), DZ (then dx) and,
 // when dg_out is wanted, Z -- with barriers shared between rows:
 //   load     u, dy -> stagings (cp.async); max |x|, max |dz| per pair           [barrier]
@@ -39,14 +40,19 @@ namespace flashconv::tc {
 // K stays in shared memory for N up to this (4N bytes).
 constexpr int kBwdKInSmemMaxN = 4096;
 
-FC_HOST_DEVICE constexpr int bwd_lgpp(int lgN) { return lgN < 12 ? 12 - lgN : 0; }
+// log2 of the pairs processed together: N * pp = 8192 below N = 8192 (as the forward: enough
+// 256-element groups per warp to fill the phases between barriers), except with the Z rows
+// (gz: dg_out wanted) at N = 4096, where two pairs' 16N bytes each would pass 163 KB.
+FC_HOST_DEVICE constexpr int bwd_lgpp(int lgN, bool gz) {
+  return lgN >= 13 || (gz && lgN == 12) ? 0 : 13 - lgN;
+}
 
 // Dynamic shared memory: K (4N, if kept), the dk and dk_rev accumulators (N/2 floats each:
 // 4N), then pp rows X, pp rows DZ (and pp rows Z when gz) (4N each) and pp stagings of u, then
 // of dy (2N each).
 FC_HOST_DEVICE constexpr size_t bwd_smem_bytes(int64_t N, bool gz) {
   return size_t(N <= kBwdKInSmemMaxN ? 4 * N : 0) + size_t(4 * N) +
-         (size_t((gz ? 16 : 12) * N) << bwd_lgpp(ilog2(uint32_t(N))));
+         (size_t((gz ? 16 : 12) * N) << bwd_lgpp(ilog2(uint32_t(N)), gz));
 }
 
 struct BwdCtx {
@@ -266,9 +272,10 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, 1) fftconv_bwd_tc_kernel(BwdParams p) 
   FC_SHARED FragsSmem frags;
   FC_SHARED float red_dD[kWarps];
   FC_REGION("kernel");  // the CTA's setup: K, DFT fragments, accumulators, maxima
-  const int lgN = ilog2(uint32_t(p.N)), lgpp = bwd_lgpp(lgN);
+  const bool gz = p.dg_out.p != nullptr;
+  const int lgN = ilog2(uint32_t(p.N)), lgpp = bwd_lgpp(lgN, gz);
   const int64_t N = p.N, h = hw::block_idx_x();
-  const bool k_smem = N <= kBwdKInSmemMaxN, gz = p.dg_out.p != nullptr;
+  const bool k_smem = N <= kBwdKInSmemMaxN;
   uint16_t* smem = hw::dyn_smem<uint16_t>();
   uint16_t* Ks = k_smem ? smem : nullptr;
   float* dk_acc = reinterpret_cast<float*>(smem + (k_smem ? 2 * N : 0));
@@ -331,7 +338,7 @@ inline hw::Error fftconv_bwd_tc_launch(const BwdParams& p, int num_sms, hw::Stre
       !p.spec.K16)
     return hw::ErrorInvalidValue;
   if (p.B == 0 || p.H == 0 || p.L == 0) return hw::Success;
-  const int lgpp = tc::bwd_lgpp(tc::ilog2(uint32_t(p.N)));
+  const int lgpp = tc::bwd_lgpp(tc::ilog2(uint32_t(p.N)), p.dg_out.p != nullptr);
   const int64_t iters = ((p.B + 1) / 2 + (int64_t(1) << lgpp) - 1) >> lgpp;
   return hw::launch(fftconv_bwd_tc_kernel<bf16_t>, channel_grid(p.H, iters, num_sms), kThreads,
                     tc::bwd_smem_bytes(p.N, p.dg_out.p != nullptr), stream, p);

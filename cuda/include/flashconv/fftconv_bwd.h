@@ -45,11 +45,14 @@ constexpr int64_t kMaxFusedBwdN = kTensorCores<T> ? 16384 : 8192;
 // below above it (its two rows fit where bwd_tc.h's rows and stagings do not).
 constexpr int64_t kMaxTcBwdN = 8192;
 
-// Dynamic shared memory of the backward launch at FFT size N (bfloat16 on tensor cores: the size
-// with dg_out, the larger).
+// Dynamic shared memory of the backward launch at FFT size N (bfloat16 on tensor cores: the
+// larger of the sizes with and without dg_out, which batch different numbers of pairs).
 template <class T>
 constexpr size_t bwd_smem_bytes(int64_t N) {
-  if (kTensorCores<T> && N <= kMaxTcBwdN) return tc::bwd_smem_bytes(N, true);
+  if (kTensorCores<T> && N <= kMaxTcBwdN) {
+    const size_t with_z = tc::bwd_smem_bytes(N, true), without = tc::bwd_smem_bytes(N, false);
+    return with_z > without ? with_z : without;
+  }
   return 2 * size_t(N) * sizeof(StorageFor<T>);
 }
 
