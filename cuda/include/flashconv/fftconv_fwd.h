@@ -54,8 +54,10 @@ constexpr size_t fwd_smem_bytes(int64_t N) {
   return size_t(N) * sizeof(StorageFor<T>);
 }
 
-// Two CTAs (16 warps) per SM: at most 128 registers.
-template <class T>
+// Two CTAs (16 warps) per SM: at most 128 registers. kEpi: the fused epilogue (activation,
+// mask, the float32 z output) compiled in; a separate instantiation, so that the plain
+// kernel carries none of its code.
+template <class T, bool kEpi>
 FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, 2) fftconv_fwd_kernel(FwdParams p) {
   using S = StorageFor<T>;
   S* buf = hw::dyn_smem<S>();  // (N,) complex: the packed pair, Monarch order between passes
@@ -96,9 +98,12 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, 2) fftconv_fwd_kernel(FwdParams p) {
         each_row(b0, p.B, re, im, [&](int64_t b, float conv) {
           float z = conv * undo;
           if (p.D) z += d * x_at(b, t);
-          if (p.z.p) store<float>(p.z, b, h, t, z, "z");
-          if (p.y.p)
-            store<T>(p.y, b, h, t, gated<T>(epilogue(z, p.act, p.mask, b, h, t), p.g_out, b, h, t, "g_out"), "y");
+          if constexpr (kEpi) {
+            if (p.z.p) store<float>(p.z, b, h, t, z, "z");
+            if (!p.y.p) return;  // z only
+            z = epilogue(z, p.act, p.mask, b, h, t);
+          }
+          store<T>(p.y, b, h, t, gated<T>(z, p.g_out, b, h, t, "g_out"), "y");
         });
       });
       // An overflowed fp16 store was clamped: redo the pair at a smaller scale.
@@ -119,8 +124,10 @@ hw::Error fftconv_fwd_launch(const FwdParams& p, int num_sms, hw::Stream stream)
     if (p.N < 32 || p.N > kMaxFusedN<T> || (p.N & (p.N - 1)) || 2 * p.L > p.N || p.H > 0x7fffffff)
       return hw::ErrorInvalidValue;
     if (p.B == 0 || p.H == 0 || p.L == 0) return hw::Success;
-    return hw::launch(fftconv_fwd_kernel<T>, pair_grid(p.B, p.H, num_sms), kThreads,
-                      fwd_smem_bytes<T>(p.N), stream, p);
+    const hw::Grid grid = pair_grid(p.B, p.H, num_sms);
+    if (p.act || p.mask.p || p.z.p)
+      return hw::launch(fftconv_fwd_kernel<T, true>, grid, kThreads, fwd_smem_bytes<T>(p.N), stream, p);
+    return hw::launch(fftconv_fwd_kernel<T, false>, grid, kThreads, fwd_smem_bytes<T>(p.N), stream, p);
   }
 }
 
