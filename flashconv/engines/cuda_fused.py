@@ -7,6 +7,10 @@ fits the kernel on the device (forward: bfloat16 N <= 32K, float32/float16 N <= 
 half of that; less where the device's opt-in shared memory is smaller), with k as taps or as a
 Monarch-order spectrum of fft_kernel for this N.
 
+With an activation or a dropout mask the forward kernel applies the fused epilogue itself; the
+backward recomputes z with a z-only forward launch and hands the backward kernel the float32
+factor g_out * m * act'(z) (epilogue_gate; docs/compat.md).
+
 Host path: no host synchronisation. K comes from spectrum.monarch_spectrum (device FFT, device
 permutation), outputs are allocated with torch, and the launch goes to the caller's current
 stream.
