@@ -343,9 +343,9 @@ def conv_forward(u, K, n, D=None, g_in=None, g_out=None, dtype=np.float32, activ
     kernel_spectrum(k, L, n, dtype) or Taps(k, k_rev) (transformed here, a group of channels at
     a time). u, D and the gates may be any real dtype and any strides; they are read once.
     activation, dropout_mask: the fused epilogue, y = g_out m act(z) (flashconv/_epilogue.py)."""
-    from flashconv._epilogue import mask3, np_apply
+    from flashconv._epilogue import active, mask3, np_apply
 
-    epi = bool(activation) or dropout_mask is not None
+    epi = active(activation, dropout_mask)
     m3 = mask3(dropout_mask)
     B, H, L = u.shape
     out = np.empty((B, H, L), dtype)
@@ -453,9 +453,9 @@ def conv_backward(dy, u, K, n, lk, D=None, g_in=None, g_out=None, dtype=np.float
     With an activation or a dropout mask (flashconv/_epilogue.py) the pre-activation z is
     recomputed from X (one more inverse FFT per row) and dz = dy g_out m act'(z).
     """
-    from flashconv._epilogue import mask3, np_grad
+    from flashconv._epilogue import active, mask3, np_grad
 
-    epi = bool(activation) or dropout_mask is not None
+    epi = active(activation, dropout_mask)
     m3 = mask3(dropout_mask)
     B, H, L = u.shape
     du = np.empty((B, H, L), dtype)

@@ -295,10 +295,10 @@ def _dz_again(dy, sl, gate, cdt):
 
 
 def _conv_forward(u, K, n, D, g_in, g_out, cdt, activation="", dropout_mask=None):
-    from flashconv._epilogue import mask3, t_apply
+    from flashconv._epilogue import active, mask3, t_apply
 
     B, H, L = u.shape
-    epi = bool(activation) or dropout_mask is not None
+    epi = active(activation, dropout_mask)
     m3 = mask3(dropout_mask)
     cdt = cdt or K.real.dtype
     cs = cdt.itemsize
@@ -374,10 +374,10 @@ def conv_backward(dy, u, K, n, lk, D=None, g_in=None, g_out=None, need_u=True, n
 
 def _conv_backward(dy, u, K, n, lk, D, g_in, g_out, need_u, need_k, need_D, need_gin,
                    need_gout, lk_rev, cdt, kdtypes, activation="", dropout_mask=None):
-    from flashconv._epilogue import mask3, t_grad
+    from flashconv._epilogue import active, mask3, t_grad
 
     B, H, L = u.shape
-    epi = bool(activation) or dropout_mask is not None
+    epi = active(activation, dropout_mask)
     m3 = mask3(dropout_mask)
     cdt = cdt or K.real.dtype
     ctype = torch.complex128 if cdt == torch.float64 else torch.complex64

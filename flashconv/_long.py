@@ -186,7 +186,7 @@ def fftconv_long_forward(u, k, D=None, g_in=None, g_out=None, k_rev=None, spectr
     gi = None if g_in is None else g_in.detach().to(u.dtype)
     go = None if g_out is None else g_out.detach().to(u.dtype)
     from flashconv.engines.cuda_fused import ACT_CODES, mask_view
-    m, _ = mask_view(dropout_mask)
+    m, m_st = mask_view(dropout_mask)  # (a chunk m[b0:b1, h0:h1] keeps these strides)
     act = ACT_CODES[activation]
     per = 8 * N  # workspace bytes per (pair, channel)
     pairs = (B + 1) // 2
@@ -198,10 +198,7 @@ def fftconv_long_forward(u, k, D=None, g_in=None, g_out=None, k_rev=None, spectr
         return 0 if t is None else t.data_ptr()
 
     def strides(t):
-        if t is None:
-            return (0, 0, 0)
-        st = tuple(int(s) for s in t.stride())
-        return st if t.ndim == 3 else st + (0,)  # a (B, H) mask: stride 0 along L
+        return (0, 0, 0) if t is None else tuple(int(s) for s in t.stride())
 
     def part(t, b0, b1, h0, h1):
         return None if t is None else t[b0:b1, h0:h1]
@@ -218,7 +215,7 @@ def fftconv_long_forward(u, k, D=None, g_in=None, g_out=None, k_rev=None, spectr
                 ptr(uc), ptr(gic), ptr(goc), ptr(yc), ptr(Kf[h0:h1]), ptr(kexp[h0:h1]),
                 ptr(None if Df is None else Df[h0:h1]), ptr(ws), b1 - b0, h1 - h0, L, N1, N2,
                 strides(uc), strides(gic), strides(goc), strides(yc), code, u.device.index,
-                stream, act=act, mask=ptr(mc), mask_strides=strides(mc))
+                stream, act=act, mask=ptr(mc), mask_strides=m_st)
     return y
 
 

@@ -59,9 +59,9 @@ def compose_backward(dy, u, k, D, g_in, g_out, k_rev, mask, cdt, *, conv, adjoin
     dg_out = dy m act(z)."""
     import torch
 
-    from flashconv._epilogue import mask3, t_grad
+    from flashconv._epilogue import active, mask3, t_grad
 
-    epi = bool(activation) or dropout_mask is not None
+    epi = active(activation, dropout_mask)
     m3 = mask3(dropout_mask)
     need_u, need_k, need_D, need_gi, need_go, need_kr = mask
     B, H, L = (int(s) for s in u.shape)

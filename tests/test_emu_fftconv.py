@@ -60,9 +60,23 @@ def spectrum_inputs(k, L, N, dtype, k_rev=None):
     return out
 
 
+def epilogue_params(B, H, L, act, mask):
+    """The driver's inputs and params for the fused epilogue (tests/test_emu_epilogue.py): the
+    activation code, the mask as float32 with its (B, H, L) strides (0 along L for (B, H))."""
+    params = {"act": {None: 0, "gelu": 1, "silu": 2}[act]}
+    inputs = {}
+    if mask is not None:
+        inputs["mask"] = mask.astype(np.float32).reshape(-1)
+        params.update(has_mask=1, mask_sb=H * (L if mask.ndim == 3 else 1),
+                      mask_sh=L if mask.ndim == 3 else 1, mask_st=1 if mask.ndim == 3 else 0)
+    return inputs, params
+
+
 def run_fwd(u, k, dtype, D=None, g_in=None, g_out=None, strided=False, variant="plain", num_sms=1,
-            k_rev=None, sm=80):
-    """Run the emulated kernel; u etc. are float64 values already representable in dtype."""
+            k_rev=None, sm=80, act=None, mask=None, want_z=False):
+    """Run the emulated kernel; u etc. are float64 values already representable in dtype.
+    act / mask: the fused epilogue; want_z: return the float32 pre-activation z instead of y
+    (g_out may then be None with g_in given)."""
     B, H, L = u.shape
     N = fused_fft_size(L)
     if strided:  # u (and gates) as every other element of a (B, H, 2L+1) buffer
@@ -84,11 +98,14 @@ def run_fwd(u, k, dtype, D=None, g_in=None, g_out=None, strided=False, variant="
         inputs["D"] = D.astype(np.float32)
         params["has_D"] = 1
     if g_in is not None:
+        go = g_out if g_out is not None else np.ones_like(g_in)
         inputs["g_in"] = to_io(spread(g_in), dtype).reshape(-1)[off:]
-        inputs["g_out"] = to_io(spread(g_out), dtype).reshape(-1)[off:]
+        inputs["g_out"] = to_io(spread(go), dtype).reshape(-1)[off:]
         params["has_gates"] = 1
-    out = emu.run(CASE[dtype], inputs, variant, sm=sm, params=params).outputs["y"]
-    return from_io(out, dtype)
+    ei, ep = epilogue_params(B, H, L, act, mask)
+    params.update(ep, want_z=int(want_z))
+    out = emu.run(CASE[dtype], {**inputs, **ei}, variant, sm=sm, params=params).outputs
+    return out["z"].astype(np.float64) if want_z else from_io(out["y"], dtype)
 
 
 def rel_err(y, ref):
@@ -191,8 +208,10 @@ BWD_CASE = {"f32": "fftconv_bwd_f32", "f16": "fftconv_bwd_f16", "bf16": "fftconv
 
 
 def run_bwd(u, k, dy, dtype, D=None, g_in=None, g_out=None, variant="plain", num_sms=1,
-            k_rev=None, sm=80):
-    """Run the emulated backward kernel: dict of du, dk, dD, dg_in, dg_out (float64)."""
+            k_rev=None, sm=80, gate32=None):
+    """Run the emulated backward kernel: dict of du, dk, dD, dg_in, dg_out (float64). gate32:
+    a float32 (B, H, L) factor read in g_out's place (the fused epilogue's backward; g_in and
+    g_out must be given, g_out unused; no dg_out then)."""
     B, H, L = u.shape
     N = fused_fft_size(L)
     lk = min(k.shape[1], L)
@@ -209,14 +228,19 @@ def run_bwd(u, k, dy, dtype, D=None, g_in=None, g_out=None, variant="plain", num
         inputs["g_in"] = to_io(g_in, dtype).reshape(-1)
         inputs["g_out"] = to_io(g_out, dtype).reshape(-1)
         params["has_gates"] = 1
+    if gate32 is not None:
+        inputs["g_out32"] = np.ascontiguousarray(gate32, np.float32).reshape(-1)
+        params["gate32"] = 1
     out = emu.run(BWD_CASE[dtype], inputs, variant, sm=sm, params=params).outputs
     return {key: (from_io(v, dtype) if key in ("du", "dg_in", "dg_out") else v.astype(np.float64))
             for key, v in out.items()}
 
 
-def check_grads(g, u, k, dy, D, gi, go, dtype, what, k_rev=None):
+def check_grads(g, u, k, dy, D, gi, go, dtype, what, k_rev=None, activation=None,
+                dropout_mask=None):
     from python_ref.conv import fftconv_grads
-    ref = fftconv_grads(u, k, dy, D, gi, go, k_rev=k_rev)
+    ref = fftconv_grads(u, k, dy, D, gi, go, k_rev=k_rev, activation=activation,
+                        dropout_mask=dropout_mask)
     L = u.shape[-1]
     errs = {}
     for key, val in g.items():

@@ -13,7 +13,7 @@ from python_ref.conv import activation_fn, fftconv as ref_fftconv
 from python_ref.rounding import round_bf16
 
 from tests.emu import build as emu
-from tests.test_emu_fftconv import ROUND, from_io, make, rel_err, to_io
+from tests.test_emu_fftconv import ROUND, epilogue_params, from_io, make, rel_err, to_io
 
 pytestmark = pytest.mark.emu
 
@@ -21,7 +21,7 @@ CASE = {"f32": "fftconv_long_f32", "f16": "fftconv_long_f16", "bf16": "fftconv_l
 
 
 def run_long(u, k, dtype, N2, D=None, g_in=None, g_out=None, variant="plain", num_sms=1, C=0,
-             k_rev=None):
+             k_rev=None, act=None, mask=None):
     B, H, L = u.shape
     N, N1, N2 = two_level_plan(L, n2=N2)
     K, k_exp = long_spectrum(k, L, N1, N2, k_rev)
@@ -35,14 +35,17 @@ def run_long(u, k, dtype, N2, D=None, g_in=None, g_out=None, variant="plain", nu
         inputs["g_in"] = to_io(g_in, dtype)
         inputs["g_out"] = to_io(g_out, dtype)
         params["has_gates"] = 1
-    return from_io(emu.run(CASE[dtype], inputs, variant, params=params).outputs["y"], dtype)
+    ei, ep = epilogue_params(B, H, L, act, mask)  # the fused epilogue (act, mask), if any
+    return from_io(emu.run(CASE[dtype], {**inputs, **ei}, variant, params={**params, **ep})
+                   .outputs["y"], dtype)
 
 
-def check(y, ref, dtype, what):
+def check(y, ref, dtype, what, extra=5e-7):
+    """rel L2 error <= 2x the io rounding floor of the exact result + extra."""
     assert np.isfinite(y).all(), "%s: non-finite or unwritten outputs" % what
     err = rel_err(y, ref)
     floor = rel_err(ROUND[dtype](ref), ref)
-    bound = 2 * floor + 5e-7
+    bound = 2 * floor + extra
     print("%s: rel err %.3g, io rounding floor %.3g, bound %.3g" % (what, err, floor, bound))
     assert err <= bound
     return err

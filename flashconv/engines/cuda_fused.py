@@ -177,6 +177,7 @@ def backward(p, a, dy, mask):
     import torch
 
     from flashconv import _ext
+    from flashconv._epilogue import active
     from flashconv.grads import kernel_grad
 
     u, k, D, g_in, g_out, k_rev = a.u, a.k, a.D, a.g_in, a.g_out, a.k_rev
@@ -189,7 +190,7 @@ def backward(p, a, dy, mask):
     dev = u.device
     du = torch.empty((B, H, L), dtype=u.dtype, device=dev)  # the kernel always writes du
     dgi = torch.empty((B, H, L), dtype=u.dtype, device=dev) if need_gi else None
-    epi = bool(a.activation) or a.dropout_mask is not None
+    epi = active(a.activation, a.dropout_mask)
     dgo = torch.empty((B, H, L), dtype=u.dtype, device=dev) if need_go and not epi else None
     dk_acc = torch.zeros((H, lk), dtype=torch.float32, device=dev)  # accumulated (+=) in fp32
     dD_acc = torch.zeros((H,), dtype=torch.float32, device=dev) if need_D else None

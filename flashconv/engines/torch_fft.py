@@ -89,9 +89,9 @@ def forward(p, a):
     y = _nan_rows(t_scale(y, ex + ek), xbad | kbad)
     if a.D is not None:
         y = y + x * a.D.to(cdt).unsqueeze(-1)
-    if a.activation or a.dropout_mask is not None:
-        from flashconv._epilogue import mask3, t_apply
+    from flashconv._epilogue import active, mask3, t_apply
 
+    if active(a.activation, a.dropout_mask):
         return t_apply(y, a.activation, mask3(a.dropout_mask), a.g_out).to(u.dtype).contiguous()
     if a.g_out is not None:
         y = y * a.g_out.to(cdt)
