@@ -72,6 +72,20 @@ def epilogue_params(B, H, L, act, mask):
     return inputs, params
 
 
+def u_layout(B, H, L, strided):
+    """How u (and the gates, which share its strides) are laid out for the driver: (spread, the
+    stride params, offset). strided: every other element of a (B, H, 2L+1) buffer, starting
+    one element in (so not 16-byte aligned either); else dense."""
+    if not strided:
+        return (lambda a: a), {"u_sb": H * L, "u_sh": L, "u_st": 1}, 0
+
+    def spread(a):
+        buf = np.zeros((B, H, 2 * L + 1))
+        buf[..., 1::2] = a
+        return buf
+    return spread, {"u_sb": H * (2 * L + 1), "u_sh": 2 * L + 1, "u_st": 2}, 1
+
+
 def run_fwd(u, k, dtype, D=None, g_in=None, g_out=None, strided=False, variant="plain", num_sms=1,
             k_rev=None, sm=80, act=None, mask=None, want_z=False):
     """Run the emulated kernel; u etc. are float64 values already representable in dtype.
@@ -79,20 +93,8 @@ def run_fwd(u, k, dtype, D=None, g_in=None, g_out=None, strided=False, variant="
     (g_out may then be None with g_in given)."""
     B, H, L = u.shape
     N = fused_fft_size(L)
-    if strided:  # u (and gates) as every other element of a (B, H, 2L+1) buffer
-        def spread(a):
-            buf = np.zeros((B, H, 2 * L + 1))
-            buf[..., 1::2] = a
-            return buf
-        strides = {"u_sb": H * (2 * L + 1), "u_sh": 2 * L + 1, "u_st": 2}
-        u_buf = spread(u)
-        off = 1
-    else:
-        def spread(a):
-            return a
-        strides = {"u_sb": H * L, "u_sh": L, "u_st": 1}
-        u_buf, off = u, 0
-    inputs = {"u": to_io(u_buf, dtype).reshape(-1)[off:], **spectrum_inputs(k, L, N, dtype, k_rev)}
+    spread, strides, off = u_layout(B, H, L, strided)
+    inputs = {"u": to_io(spread(u), dtype).reshape(-1)[off:], **spectrum_inputs(k, L, N, dtype, k_rev)}
     params = {"B": B, "H": H, "L": L, "N": N, "num_sms": num_sms, **strides}
     if D is not None:
         inputs["D"] = D.astype(np.float32)
@@ -208,30 +210,36 @@ BWD_CASE = {"f32": "fftconv_bwd_f32", "f16": "fftconv_bwd_f16", "bf16": "fftconv
 
 
 def run_bwd(u, k, dy, dtype, D=None, g_in=None, g_out=None, variant="plain", num_sms=1,
-            k_rev=None, sm=80, gate32=None):
+            k_rev=None, sm=80, gate32=None, strided=False, dg_out=True, counters=None):
     """Run the emulated backward kernel: dict of du, dk, dD, dg_in, dg_out (float64). gate32:
     a float32 (B, H, L) factor read in g_out's place (the fused epilogue's backward; g_in and
-    g_out must be given, g_out unused; no dg_out then)."""
+    g_out must be given, g_out unused; no dg_out then). strided: u and the gates laid out as
+    u_layout says (dy stays dense). dg_out=False: gates without dg_out wanted. counters: a list
+    that gets the emulator's per-launch counters."""
     B, H, L = u.shape
     N = fused_fft_size(L)
     lk = min(k.shape[1], L)
-    inputs = {"u": to_io(u, dtype).reshape(-1), "dy": to_io(dy, dtype),
+    spread, strides, off = u_layout(B, H, L, strided)
+    inputs = {"u": to_io(spread(u), dtype).reshape(-1)[off:], "dy": to_io(dy, dtype),
               **spectrum_inputs(k, L, N, dtype, k_rev)}
-    params = {"B": B, "H": H, "L": L, "N": N, "lk": lk, "num_sms": num_sms,
-              "u_sb": H * L, "u_sh": L, "u_st": 1}
+    params = {"B": B, "H": H, "L": L, "N": N, "lk": lk, "num_sms": num_sms, **strides}
     if k_rev is not None:
         params["lk_rev"] = min(k_rev.shape[1], L)
     if D is not None:
         inputs["D"] = D.astype(np.float32)
         params["has_D"] = 1
     if g_in is not None:
-        inputs["g_in"] = to_io(g_in, dtype).reshape(-1)
-        inputs["g_out"] = to_io(g_out, dtype).reshape(-1)
+        inputs["g_in"] = to_io(spread(g_in), dtype).reshape(-1)[off:]
+        inputs["g_out"] = to_io(spread(g_out), dtype).reshape(-1)[off:]
         params["has_gates"] = 1
+        params["no_dg_out"] = int(not dg_out)
     if gate32 is not None:
         inputs["g_out32"] = np.ascontiguousarray(gate32, np.float32).reshape(-1)
         params["gate32"] = 1
-    out = emu.run(BWD_CASE[dtype], inputs, variant, sm=sm, params=params).outputs
+    res = emu.run(BWD_CASE[dtype], inputs, variant, sm=sm, params=params, counters=counters is not None)
+    if counters is not None:
+        counters.extend(res.counters)
+    out = res.outputs
     return {key: (from_io(v, dtype) if key in ("du", "dg_in", "dg_out") else v.astype(np.float64))
             for key, v in out.items()}
 
@@ -322,3 +330,49 @@ def test_bwd_overflow_retry():
     D = np.array([0.5])
     g = run_bwd(u, k, dy, "bf16", D=D, variant="fp16limit8")
     check_grads(g, u, k, dy, D, None, None, "bf16", "bwd overflow retry")
+
+
+# The bf16 backward at N = 16K without dg_out runs on tensor cores with u and dy read from
+# global memory (bwd_tc.h: not staged); with dg_out it is the fp32-stage kernel. Odd B, odd L,
+# gates with and without dg_out, strided and misaligned u and gates (the element-by-element
+# reads), k_rev (negative lags), and the overflow retry. (sm = 90: the rows need 192 KB.)
+@pytest.mark.parametrize("strided", [False, True])
+def test_bwd_unstaged_16k(strided):
+    rng = np.random.default_rng(16 + strided)
+    L = 4999 if strided else 8192
+    u, k, D, gi, go = make(rng, 3, 1, L, "bf16", gates=True)
+    dy = round_bf16(rng.standard_normal((3, 1, L)))
+    g = run_bwd(u, k, dy, "bf16", D=D, g_in=gi, g_out=go, strided=strided, dg_out=False, sm=90)
+    assert set(g) == {"du", "dk", "dD", "dg_in"}
+    check_grads(g, u, k, dy, D, gi, go, "bf16", "bwd N=16K unstaged strided=%s" % strided)
+
+
+def test_bwd_16k_dg_out_and_k_rev():
+    rng = np.random.default_rng(17)
+    L = 6000
+    u, k, D, gi, go = make(rng, 2, 1, L, "bf16", gates=True)
+    dy = round_bf16(rng.standard_normal((2, 1, L)))
+    g = run_bwd(u, k, dy, "bf16", D=D, g_in=gi, g_out=go, sm=90)  # dg_out: fp32 stages
+    assert "dg_out" in g
+    check_grads(g, u, k, dy, D, gi, go, "bf16", "bwd N=16K dg_out")
+    k_rev = rng.standard_normal((1, 700)) / np.sqrt(700)
+    g = run_bwd(u, k, dy, "bf16", D=D, k_rev=k_rev, sm=90)  # no gates: tensor cores, unstaged
+    assert set(g) == {"du", "dk", "dD", "dk_rev"}
+    check_grads(g, u, k, dy, D, None, None, "bf16", "bwd N=16K k_rev", k_rev=k_rev)
+
+
+@pytest.mark.parametrize("variant", ["asan", "fp16limit8"])
+def test_bwd_unstaged_16k_variants(variant):
+    rng = np.random.default_rng(18)
+    L = 4200
+    u, k, D, gi, go = make(rng, 3, 1, L, "bf16", gates=True)
+    dy = round_bf16(rng.standard_normal((3, 1, L)))
+    if variant == "fp16limit8":  # a constant row overflows fp16 at the lowered limit: redone
+        u[0] = dy[0] = gi[0] = go[0] = 1.0
+    stats = []
+    g = run_bwd(u, k / 32, dy, "bf16", D=D, g_in=gi, g_out=go, dg_out=False, variant=variant, sm=90,
+                strided=variant == "asan", counters=stats)  # (ASan: the element reads' bounds)
+    check_grads(g, u, k / 32, dy, D, gi, go, "bf16", "bwd N=16K unstaged %s" % variant)
+    # two iterations (pairs), each one pass -- and one more pass where the overflow was redone
+    passes = sum(r["barriers"] for c in stats for r in c["regions"] if r["name"] == "overflow")
+    assert passes == (3 if variant == "fp16limit8" else 2)

@@ -299,8 +299,9 @@ hw::Error fftconv_fwd(Io& io) {
 
 // The fused backward kernel: inputs as fftconv_fwd plus dy (dense (B, H, L)) and lk; outputs
 // du, dk (H, lk), dD (H,) when has_D, dg_in and dg_out when has_gates, dk_rev (H, lk_rev)
-// when lk_rev > 0 (K then holds the bidirectional spectrum). With gate32=1 (and has_gates=1)
-// g_out is float32 (the fused epilogue's factor g_out m act'(z), dense) and no dg_out is made.
+// when lk_rev > 0 (K then holds the bidirectional spectrum); no_dg_out=1: none wanted. With
+// gate32=1 (and has_gates=1) g_out is float32 (the fused epilogue's factor g_out m act'(z),
+// dense) and no dg_out is made.
 template <class T>
 hw::Error fftconv_bwd(Io& io) {
   flashconv::BwdParams p{};
@@ -345,7 +346,7 @@ hw::Error fftconv_bwd(Io& io) {
   }
   if (opt.gates) {
     p.dg_in = dense3(io.out<T>("dg_in", bhl).ptr(), p.H, p.L);
-    if (!gate32) p.dg_out = dense3(io.out<T>("dg_out", bhl).ptr(), p.H, p.L);
+    if (!gate32 && !param_or(io, "no_dg_out", 0)) p.dg_out = dense3(io.out<T>("dg_out", bhl).ptr(), p.H, p.L);
   }
   return flashconv::fftconv_bwd_launch<T>(p, int(param_or(io, "num_sms", 1)), nullptr);
 }

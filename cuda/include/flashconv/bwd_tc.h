@@ -13,7 +13,9 @@
 // One CTA per channel loops over groups of pp pairs (pp = 8192/N for N < 8192, else 1; with
 // dg_out at N = 4096 only 1, so that the rows fit an A100's 163 KB); the
 // phases of tc_core.h on three rows per pair -- X (then the dk product), DZ (then dx) and,
-// when dg_out is wanted, Z -- with barriers shared between rows:
+// when dg_out is wanted, Z -- with barriers shared between rows. At N = 16K (without dg_out
+// only: bwd_tc_serves) u and dy are not staged: their two rows and the dk accumulators take
+// 192 KB, and the phases read u and dy from global memory (HBM once, then the L2).
 //   load     u, dy -> stagings (cp.async); max |x|, max |dz| per pair           [barrier]
 //   fwd.r    X = F_r(x 2^-ex), DZ = F_r(dz 2^-edz) (+ twiddles)                  [barrier]
 //   fwd.16   (N >= 4K) both rows                                                 [barrier]
@@ -37,8 +39,14 @@
 
 namespace flashconv::tc {
 
-// K stays in shared memory for N up to this (4N bytes).
-constexpr int kBwdKInSmemMaxN = 4096;
+// K stays in shared memory for N up to this (4N bytes); u and dy are staged up to this.
+constexpr int kBwdKInSmemMaxN = 4096, kBwdStagedMaxN = 8192;
+
+// The sizes the tensor-core backward serves, with (gz) or without dg_out: N <= 8K, and N = 16K
+// without dg_out (its Z rows would need 256 KB).
+FC_HOST_DEVICE constexpr bool bwd_tc_serves(int64_t N, bool gz) {
+  return N <= kBwdStagedMaxN || (N <= 16384 && !gz);
+}
 
 // log2 of the pairs processed together: N * pp = 8192 below N = 8192 (as the forward: enough
 // 256-element groups per warp to fill the phases between barriers), except with the Z rows
@@ -48,17 +56,17 @@ FC_HOST_DEVICE constexpr int bwd_lgpp(int lgN, bool gz) {
 }
 
 // Dynamic shared memory: K (4N, if kept), the dk and dk_rev accumulators (N/2 floats each:
-// 4N), then pp rows X, pp rows DZ (and pp rows Z when gz) (4N each) and pp stagings of u, then
-// of dy (2N each).
+// 4N), then pp rows X, pp rows DZ (and pp rows Z when gz) (4N each) and, up to
+// kBwdStagedMaxN, pp stagings of u, then of dy (2N each).
 FC_HOST_DEVICE constexpr size_t bwd_smem_bytes(int64_t N, bool gz) {
   return size_t(N <= kBwdKInSmemMaxN ? 4 * N : 0) + size_t(4 * N) +
-         (size_t((gz ? 16 : 12) * N) << bwd_lgpp(ilog2(uint32_t(N)), gz));
+         (size_t(((gz ? 12 : 8) + (N <= kBwdStagedMaxN ? 4 : 0)) * N) << bwd_lgpp(ilog2(uint32_t(N)), gz));
 }
 
 struct BwdCtx {
   const BwdParams* p;
   Rows wx, wdz, wz;  // wz.W null: no dg_out
-  Staged x, dz;      // u (gate g_in), dy (gate g_out)
+  StagedIn<true> x, dz;  // u (gate g_in), dy (gate g_out); not staged above kBwdStagedMaxN
   const uint32_t *redx, *redz;
   float d;
   int gains, shift;  // gains: the round trip's stage gains, 1/N and k_exp
@@ -287,12 +295,13 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, 1) fftconv_bwd_tc_kernel(BwdParams p) 
   c.wx = Rows{rows, lgN, plan_lgr(lgN), plan_m(lgN), lgpp};
   c.wdz = Rows{rows + row_block, lgN, plan_lgr(lgN), plan_m(lgN), lgpp};
   c.wz = Rows{gz ? rows + 2 * row_block : nullptr, lgN, plan_lgr(lgN), plan_m(lgN), lgpp};
-  uint16_t* stage = rows + (gz ? 3 : 2) * row_block;
+  const bool staged = N <= kBwdStagedMaxN;
+  uint16_t* stage = staged ? rows + (gz ? 3 : 2) * row_block : nullptr;
   const size_t stage_block = size_t(N) << lgpp;  // pp stagings of two rows of N/2
-  c.x = Staged{stage, p.u, p.g_in, "u", "g_in", h, 0, p.B, p.L, lgN, lgpp,
-               vectorizable(p.u.p, p.u.sb, p.u.sh, p.u.st, 8)};
-  c.dz = Staged{stage + stage_block, p.dy, p.g_out, "dy", "g_out", h, 0, p.B, p.L, lgN, lgpp,
-                vectorizable(p.dy.p, p.dy.sb, p.dy.sh, p.dy.st, 8)};
+  c.x = StagedIn<true>{stage, p.u, p.g_in, "u", "g_in", h, 0, p.B, p.L, lgN, lgpp,
+                       vectorizable(p.u.p, p.u.sb, p.u.sh, p.u.st, 8)};
+  c.dz = StagedIn<true>{staged ? stage + stage_block : nullptr, p.dy, p.g_out, "dy", "g_out", h, 0,
+                        p.B, p.L, lgN, lgpp, vectorizable(p.dy.p, p.dy.sb, p.dy.sh, p.dy.st, 8)};
   c.d = p.D ? hw::ldg(p.D + h, "D") : 0.f;
   c.k_exp = hw::ldg(p.spec.k_exp + h, "k_exp");
   c.gains = Gains<cf16>::round_trip_exp(make_plan(N)) - lgN + c.k_exp;
@@ -333,7 +342,8 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, 1) fftconv_bwd_tc_kernel(BwdParams p) 
 // Launch on `stream`: grid (H, CTAs per channel) over iterations of pp pairs. dk, dD and dk_rev
 // must be zeroed by the caller.
 inline hw::Error fftconv_bwd_tc_launch(const BwdParams& p, int num_sms, hw::Stream stream) {
-  if (p.N < tc::kMinN || p.N > 16384 || (p.N & (p.N - 1)) || 2 * p.L > p.N || p.lk > p.L ||
+  if (p.N < tc::kMinN || !tc::bwd_tc_serves(p.N, p.dg_out.p != nullptr) || (p.N & (p.N - 1)) ||
+      2 * p.L > p.N || p.lk > p.L ||
       p.lk_rev > p.L || (p.lk_rev > 0 && !p.dk_rev) || p.H > 0x7fffffff || p.B > 0x7ffffffe ||
       !p.spec.K16)
     return hw::ErrorInvalidValue;

@@ -41,19 +41,22 @@ namespace flashconv {
 template <class T>
 constexpr int64_t kMaxFusedBwdN = kTensorCores<T> ? 16384 : 8192;
 
-// The bfloat16 backward runs on tensor cores (bwd_tc.h) up to this size, the fp32-stage kernel
-// below above it (its two rows fit where bwd_tc.h's rows and stagings do not).
-constexpr int64_t kMaxTcBwdN = 8192;
+// The bfloat16 backward runs on tensor cores (bwd_tc.h) where tc::bwd_tc_serves says so (N <=
+// 8K; N = 16K without dg_out), the fp32-stage kernel below elsewhere (its two rows fit where
+// bwd_tc.h's three do not).
+template <class T>
+constexpr bool bwd_on_tc(int64_t N, bool gz) {
+  return kTensorCores<T> && tc::bwd_tc_serves(N, gz);
+}
 
-// Dynamic shared memory of the backward launch at FFT size N (bfloat16 on tensor cores: the
-// larger of the sizes with and without dg_out, which batch different numbers of pairs).
+// Dynamic shared memory of the backward launch at FFT size N: the larger of the sizes with and
+// without dg_out (the bfloat16 ones batch different numbers of pairs, or change kernels).
 template <class T>
 constexpr size_t bwd_smem_bytes(int64_t N) {
-  if (kTensorCores<T> && N <= kMaxTcBwdN) {
-    const size_t with_z = tc::bwd_smem_bytes(N, true), without = tc::bwd_smem_bytes(N, false);
-    return with_z > without ? with_z : without;
-  }
-  return 2 * size_t(N) * sizeof(StorageFor<T>);
+  const size_t plain = 2 * size_t(N) * sizeof(StorageFor<T>);
+  const size_t without = bwd_on_tc<T>(N, false) ? tc::bwd_smem_bytes(N, false) : plain;
+  const size_t with_z = bwd_on_tc<T>(N, true) ? tc::bwd_smem_bytes(N, true) : plain;
+  return with_z > without ? with_z : without;
 }
 
 // A float kept in the storage slot of element n (the first 4 bytes of slot n): an inverse
@@ -64,7 +67,7 @@ FC_DEVICE float* slot_float(S* buf, int64_t n) {
 }
 
 // fp16/fp32 on sm_90: two CTAs (16 warps) per SM, at most 128 registers. One on sm_80 (128
-// spilled there) and for bfloat16 (only N = 16K here: 240 registers, fp16 rows read back
+// spilled there) and for bfloat16 (only N = 16K with dg_out here: 240 registers, fp16 rows read back
 // rather than spilled).
 template <class T>
 FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, (kTensorCores<T> || FC_ARCH_SM80) ? 1 : 2)
@@ -186,9 +189,7 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, (kTensorCores<T> || FC_ARCH_SM80) ? 1 
 // Launch on `stream` (grid: pair_grid). dk and dD must be zeroed by the caller.
 template <class T>
 hw::Error fftconv_bwd_launch(const BwdParams& p, int num_sms, hw::Stream stream) {
-  if constexpr (kTensorCores<T>) {
-    if (p.N <= kMaxTcBwdN) return fftconv_bwd_tc_launch(p, num_sms, stream);
-  }
+  if (bwd_on_tc<T>(p.N, p.dg_out.p != nullptr)) return fftconv_bwd_tc_launch(p, num_sms, stream);
   if (p.N < 32 || p.N > kMaxFusedBwdN<T> || (p.N & (p.N - 1)) || 2 * p.L > p.N || p.lk > p.L ||
       p.lk_rev > p.L || (p.lk_rev > 0 && !p.dk_rev) || p.H > 0x7fffffff)
     return hw::ErrorInvalidValue;

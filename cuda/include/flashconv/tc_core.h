@@ -238,7 +238,12 @@ FC_DEVICE bool vectorizable(const void* ptr, int64_t sb, int64_t sh, int64_t st,
 
 // A bfloat16 input of pp pairs staged in shared memory (per pair two rows of N/2, zero beyond
 // L and for a missing row), times an optional gate read from global memory: x = gate * staged.
-struct Staged {
+// kMayBeDirect and U null: not staged -- every read goes to global memory (the first from HBM,
+// the rest served by the L2), for the bf16 backward at N = 16K, whose rows leave no room for
+// stagings. (A template flag, so that the forward, always staged, carries none of that code:
+// it cost its registers a spill.)
+template <bool kMayBeDirect>
+struct StagedIn {
   uint16_t* U;
   View3 src, gate;  // src: what is staged; gate.p null: none (bf16, or float32 where gate.f32)
   const char *src_name, *gate_name;
@@ -246,28 +251,41 @@ struct Staged {
   int lgN, lgpp;
   bool vec;  // src readable 16 bytes at a time
 
+  FC_DEVICE bool direct() const { return kMayBeDirect && !U; }
   FC_DEVICE uint16_t* row(int pi, int r) const { return U + ((2 * pi + r) << (lgN - 1)); }
+  FC_DEVICE const bf16_t* src_row(int64_t b) const {
+    return static_cast<const bf16_t*>(src.p) + b * src.sb + h * src.sh;
+  }
+
+  // The source's values t .. t+C-1 of row b from global memory (zero beyond L and for b >= B):
+  // one 2C-byte load where the source allows (t is a multiple of C), else element by element.
+  template <int C, class V>
+  FC_DEVICE V fetch(int64_t b, int64_t t) const {
+    V v{};
+    if (b >= B || t >= L) return v;
+    const bf16_t* s = src_row(b);
+    if (vec && t + C <= L) return hw::ldg(reinterpret_cast<const V*>(s + t), src_name);
+    FC_UNROLL
+    for (int j = 0; j < C; ++j)  // (constant indices: the array stays in registers)
+      if (t + j < L) v.w[j >> 1] |= uint32_t(hw::ldg(s + (t + j) * src.st, src_name).bits) << (16 * (j & 1));
+    return v;
+  }
 
   // Copies the pp pairs' rows in: cp.async, 16 bytes per thread and unit (a synchronous copy
-  // for strided or misaligned sources and the tail). The caller waits (hw::cp_async_wait_all).
+  // for strided or misaligned sources and the tail); nothing when not staged. The caller
+  // waits (hw::cp_async_wait_all).
   FC_DEVICE void copy_in() const {
+    if (direct()) return;
     const int lgc = lgN - 4;  // N/16 chunks of 8 per row
     const int units = 1 << (lgN - 3 + lgpp);
     for (int u = hw::thread_idx(); u < units; u += kThreads) {
       const int chunk = u & ((1 << lgc) - 1), r = (u >> lgc) & 1, pi = u >> (lgc + 1);
       const int64_t b = 2 * (pair0 + pi) + r, t0 = int64_t(chunk) * 8;
       V16* dst = reinterpret_cast<V16*>(row(pi, r) + t0);
-      const bf16_t* s = static_cast<const bf16_t*>(src.p) + b * src.sb + h * src.sh;
-      if (b < B && vec && t0 + 8 <= L) {
-        hw::cp_async16(dst, s + t0, src_name);
-      } else {
-        V16 v{{0u, 0u, 0u, 0u}};
-        FC_UNROLL
-        for (int j = 0; j < 8; ++j)  // (constant indices: the array stays in registers)
-          if (b < B && t0 + j < L)
-            v.w[j >> 1] |= uint32_t(hw::ldg(s + (t0 + j) * src.st, src_name).bits) << (16 * (j & 1));
-        hw::sts(dst, v);
-      }
+      if (b < B && vec && t0 + 8 <= L)
+        hw::cp_async16(dst, src_row(b) + t0, src_name);
+      else
+        hw::sts(dst, fetch<8, V16>(b, t0));
     }
   }
 
@@ -280,7 +298,7 @@ struct Staged {
     for (int u = hw::thread_idx(); u < units; u += kThreads) {
       const int chunk = u & ((1 << lgc) - 1), r = (u >> lgc) & 1, pi = u >> (lgc + 1);
       const int64_t b = 2 * (pair0 + pi) + r, t0 = int64_t(chunk) * 8;
-      const V16 v = hw::lds(reinterpret_cast<const V16*>(row(pi, r) + t0));
+      const V16 v = direct() ? fetch<8, V16>(b, t0) : hw::lds(reinterpret_cast<const V16*>(row(pi, r) + t0));
       float m = 0.f;
       FC_UNROLL
       for (int j = 0; j < 8; ++j) {
@@ -298,7 +316,10 @@ struct Staged {
   template <int C>
   FC_DEVICE void raw(int pi, int r, int64_t t, float (&out)[C]) const {
     Vh<C> w{};
-    if (t < (int64_t(1) << (lgN - 1))) w = hw::lds(reinterpret_cast<const Vh<C>*>(row(pi, r) + t));
+    if (direct())
+      w = fetch<C, Vh<C>>(2 * (pair0 + pi) + r, t);
+    else if (t < (int64_t(1) << (lgN - 1)))
+      w = hw::lds(reinterpret_cast<const Vh<C>*>(row(pi, r) + t));
     FC_UNROLL
     for (int j = 0; j < C; ++j) out[j] = (j & 1) ? bf16_hi(w.w[j >> 1]) : bf16_lo(w.w[j >> 1]);
   }
@@ -315,6 +336,8 @@ struct Staged {
     }
   }
 };
+
+using Staged = StagedIn<false>;  // always staged
 
 FC_DEVICE float max_of(const uint32_t* red, int pi) { return hw::bits_float(hw::lds(red + pi)); }
 
@@ -353,8 +376,8 @@ FC_DEVICE void twiddle_r(float (&re)[C][R], float (&im)[C][R], uint32_t col, int
 // `shift`), X = F_r @ X, X = X * w_N^(i c), into the rows. Units of C columns, so that the
 // staging is read and W written 2C bytes at a time. Ends with a barrier unless told not to
 // (a caller transforming several rows shares one).
-template <int R>
-FC_DEVICE void forward_r(const Rows& w, const Staged& in, const uint32_t* red, int shift,
+template <int R, class In>
+FC_DEVICE void forward_r(const Rows& w, const In& in, const uint32_t* red, int shift,
                          bool barrier = true) {
   FC_REGION("fwd.r");
   constexpr int C = kCols<R>, lgC = C == 4 ? 2 : 1;
@@ -379,8 +402,8 @@ FC_DEVICE void forward_r(const Rows& w, const Staged& in, const uint32_t* red, i
       }
       const int64_t t = (int64_t(i) << lgS) + col;
       float a[C], b[C];
-      in.x<C>(pi, 0, t, a);
-      in.x<C>(pi, 1, t, b);
+      in.template x<C>(pi, 0, t, a);
+      in.template x<C>(pi, 1, t, b);
       FC_UNROLL
       for (int j = 0; j < C; ++j) re[j][i] = a[j] * scale, im[j][i] = b[j] * scale;
     }
