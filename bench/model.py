@@ -83,7 +83,9 @@ PER_CHANNEL = ("K", "k_exp", "D", "dk", "dD", "dk_rev")
 # ---- emulated runs -----------------------------------------------------------------------------
 
 def _inputs(kind, dtype, B, L, rng):
-    """Driver case, inputs and params for one emulated launch at H = 1 (random data, D, no gates)."""
+    """Driver case, inputs and params for one emulated launch at H = 1 (random data, D; gates
+    for the *_gated kinds, with every gradient wanted in the backward, as H3 trains)."""
+    kind, gated = kind.split("_")[0], kind.endswith("_gated")
     u = rng.standard_normal((B, 1, L))
     k = rng.standard_normal((1, L)) / np.sqrt(L)
     D = rng.standard_normal(1).astype(np.float32)
@@ -100,22 +102,31 @@ def _inputs(kind, dtype, B, L, rng):
     if kind == "bwd":
         inputs["dy"] = to_io(rng.standard_normal((B, 1, L)), dtype)
         params["lk"] = L
+    if gated:
+        inputs["g_in"], inputs["g_out"] = (to_io(rng.standard_normal((B, 1, L)), dtype).reshape(-1)
+                                           for _ in range(2))
+        params["has_gates"] = 1
     return "fftconv_%s_%s" % (kind, dtype), inputs, params
 
 
 def pairs_per_iteration(kind, dtype, L):
     """Pairs of batch rows a CTA processes at once: the bfloat16 tensor-core forward and
     backward batch pp = 8192/N pairs for N < 8192 (cuda/include/flashconv/fwd_tc.h fwd_lgpp,
-    bwd_tc.h bwd_lgpp; the model's backward has no gates, so no dg_out rows); everything else
-    one. (Until 2026-11-29 this said one for the backward, which batched 4096/N pairs: its
-    B = 2 and B = 4 runs were the same iteration, and its rows below N = 4K were too fast.)"""
-    if dtype == "bf16" and ((kind == "fwd") or (kind == "bwd" and fused_fft_size(L) <= 8192)):
-        return max(1, 8192 // fused_fft_size(L))
+    bwd_tc.h bwd_lgpp; the gated backward wants dg_out: its Z rows make it one pair at N = 4K);
+    everything else one. (Until 2026-11-29 this said one for the backward, which batched
+    4096/N pairs: its B = 2 and B = 4 runs were the same iteration, and its rows below N = 4K
+    were too fast.)"""
+    N = fused_fft_size(L)
+    if dtype == "bf16" and kind.startswith("fwd"):
+        return max(1, 8192 // N)
+    if dtype == "bf16" and kind.startswith("bwd") and N <= 8192:
+        return 1 if kind == "bwd_gated" and N >= 4096 else max(1, 8192 // N)
     return 1
 
 
 def emulate(kind, dtype, L, B):
     """The emulator's counters for one call (a list of launches); num_sms=0: one CTA."""
+    assert kind in ("fwd", "bwd", "long", "fwd_gated", "bwd_gated"), kind
     case, inputs, params = _inputs(kind, dtype, B, L, np.random.default_rng(L + B))
     params["num_sms"] = 0
     return emu.run(case, inputs, sm=90, params=params, counters=True, timeout=3600).counters
@@ -325,11 +336,13 @@ def _region_summary(r, t, H, pairs):
 def floor_bytes(kind, dtype, L, B=SCALE_B, H=SCALE_H):
     """What must cross HBM at least. fwd: u read and y written once (io dtype), k (float32,
     H x L) and D; bwd: u and dy read, du written, k read and dk written (float32), D and dD;
-    fwdbwd: both; long: as fwd (the whole two-level convolution)."""
+    fwdbwd: both; long: as fwd (the whole two-level convolution); fwd_gated: fwd and the two
+    gates read; bwd_gated: bwd and the two gates read, dg_in and dg_out written."""
     s = IO_BYTES[dtype]
     data, kern = B * H * L * s, H * L * 4 + H * 4
     return {"fwd": 2 * data + kern, "long": 2 * data + kern, "bwd": 3 * data + 2 * kern,
-            "fwdbwd": 5 * data + 3 * kern}[kind]
+            "fwdbwd": 5 * data + 3 * kern, "fwd_gated": 4 * data + kern,
+            "bwd_gated": 7 * data + 2 * kern}[kind]
 
 
 def model_row(kind, dtype, L, lint, gpu=GPU, marked=None):
@@ -381,6 +394,7 @@ def combine_fwdbwd(fwd, bwd, gpu=GPU):
 FWD_L = [256, 512, 1024, 2048, 4096, 8192, 16384]
 BWD_L = [1024, 2048, 4096, 8192]
 LONG_L = [65536, 1 << 20]
+GATED_L = [1024, 4096]  # H3's gated call (bf16): the gate reads and gradients
 MAX_FUSED_N = {"bf16": 32768, "f16": 16384, "f32": 16384}
 MAX_BWD_N = {"bf16": 16384, "f16": 8192, "f32": 8192}
 
@@ -394,6 +408,7 @@ def plan_rows(quick=False):
             rows.append(("fwd" if fused_fft_size(L) <= MAX_FUSED_N[dtype] else "long", dtype, L))
     for dtype in ("bf16", "f16", "f32"):
         rows += [("bwd", dtype, L) for L in BWD_L if fused_fft_size(L) <= MAX_BWD_N[dtype]]
+    rows += [(kind, "bf16", L) for kind in ("fwd_gated", "bwd_gated") for L in GATED_L]
     rows += [("long", "bf16", L) for L in LONG_L]
     return rows
 
@@ -407,13 +422,13 @@ def git_commit():
 
 
 def fmt_table(rows):
-    head = "%-6s %-4s %7s %9s %9s %6s %7s %6s %6s %5s %7s %s" % (
+    head = "%-9s %-4s %7s %9s %9s %6s %7s %6s %6s %5s %7s %s" % (
         "kind", "io", "L", "model us", "floor us", "x", "wf/ideal", "sector", "warps", "div",
         "bar/pr", "bound")
     lines = [head]
     for r in rows:
         wf = r["smem_wavefronts"] / r["smem_wavefronts_ideal"] if r.get("smem_wavefronts_ideal") else float("nan")
-        lines.append("%-6s %-4s %7d %9.1f %9.1f %6.2f %7.2f %6s %6s %5s %7.1f %s" % (
+        lines.append("%-9s %-4s %7d %9.1f %9.1f %6.2f %7.2f %6s %6s %5s %7.1f %s" % (
             r["kind"], r["dtype"], r["L"], r["modeled_time_s"] * 1e6, r["floor_time_s"] * 1e6,
             r["modeled_over_floor"], wf,
             "%.0f%%" % (100 * r["global_sector_efficiency"]) if r.get("global_sector_efficiency") else "-",

@@ -87,10 +87,11 @@ def u_layout(B, H, L, strided):
 
 
 def run_fwd(u, k, dtype, D=None, g_in=None, g_out=None, strided=False, variant="plain", num_sms=1,
-            k_rev=None, sm=80, act=None, mask=None, want_z=False):
+            k_rev=None, sm=80, act=None, mask=None, want_z=False, counters=None):
     """Run the emulated kernel; u etc. are float64 values already representable in dtype.
     act / mask: the fused epilogue; want_z: return the float32 pre-activation z instead of y
-    (g_out may then be None with g_in given)."""
+    (g_out may then be None with g_in given). counters: a list that gets the emulator's
+    per-launch counters."""
     B, H, L = u.shape
     N = fused_fft_size(L)
     spread, strides, off = u_layout(B, H, L, strided)
@@ -106,7 +107,10 @@ def run_fwd(u, k, dtype, D=None, g_in=None, g_out=None, strided=False, variant="
         params["has_gates"] = 1
     ei, ep = epilogue_params(B, H, L, act, mask)
     params.update(ep, want_z=int(want_z))
-    out = emu.run(CASE[dtype], {**inputs, **ei}, variant, sm=sm, params=params).outputs
+    res = emu.run(CASE[dtype], {**inputs, **ei}, variant, sm=sm, params=params, counters=counters is not None)
+    if counters is not None:
+        counters.extend(res.counters)
+    out = res.outputs
     return out["z"].astype(np.float64) if want_z else from_io(out["y"], dtype)
 
 
@@ -376,3 +380,35 @@ def test_bwd_unstaged_16k_variants(variant):
     # two iterations (pairs), each one pass -- and one more pass where the overflow was redone
     passes = sum(r["barriers"] for c in stats for r in c["regions"] if r["name"] == "overflow")
     assert passes == (3 if variant == "fp16limit8" else 2)
+
+
+def gate_bytes_per_request(stats, names=("g_in", "g_out")):
+    """Bytes per warp-level global load request of the gates, over every launch and region."""
+    req = byt = 0
+    for launch in stats:
+        for region in launch["regions"]:
+            for name, s in region["ldg"].items():
+                if name in names:
+                    req, byt = req + s["requests"], byt + s["bytes"]
+    return byt / req
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_gate_loads_vectorised(kind):
+    # Dense gates are read in runs of 2-8 elements (tc_core.h gate_vals: >= 4 bytes a lane, so
+    # >= 128 bytes a request; element by element would be 64); strided ones element by element.
+    rng = np.random.default_rng(21)
+    u, k, D, gi, go = make(rng, 4, 1, 1000, "bf16", gates=True)
+    dy = round_bf16(rng.standard_normal((4, 1, 1000)))
+    per = {}
+    for strided in (False, True):
+        stats = []
+        if kind == "fwd":
+            y = run_fwd(u, k, "bf16", D=D, g_in=gi, g_out=go, strided=strided, counters=stats)
+            check(y, u, k, D, gi, go, "bf16", "fwd gates strided=%s" % strided)
+        else:
+            g = run_bwd(u, k, dy, "bf16", D=D, g_in=gi, g_out=go, strided=strided, counters=stats)
+            check_grads(g, u, k, dy, D, gi, go, "bf16", "bwd gates strided=%s" % strided)
+        per[strided] = gate_bytes_per_request(stats)
+    print("%s gate bytes per request: dense %.0f, strided %.0f" % (kind, per[False], per[True]))
+    assert per[False] >= 128 and per[True] <= 64

@@ -66,7 +66,7 @@ FC_HOST_DEVICE constexpr size_t bwd_smem_bytes(int64_t N, bool gz) {
 struct BwdCtx {
   const BwdParams* p;
   Rows wx, wdz, wz;  // wz.W null: no dg_out
-  StagedIn<true> x, dz;  // u (gate g_in), dy (gate g_out); not staged above kBwdStagedMaxN
+  StagedIn<true> x, dz;  // u (gate g_in), dy (gate g_out, maybe float32); not staged above 8K
   const uint32_t *redx, *redz;
   float d;
   int gains, shift;  // gains: the round trip's stage gains, 1/N and k_exp
@@ -112,22 +112,33 @@ struct DxEpilogue {
     for (int r = 0; r < 2; ++r) {
       const int64_t b = 2 * (c->x.pair0 + pi) + r;
       if (b >= p.B) continue;
-      float dzv[C], u[C], dx[C], du[C], dgi[C];
+      float dzv[C], u[C], dx[C], g[C];
       c->dz.x<C>(pi, r, t, dzv);
-      c->x.raw<C>(pi, r, t, u);
       FC_UNROLL
       for (int j = 0; j < C; ++j) {
         const float v = r ? im[j] : re[j];
         *bad |= !finite(v) && finite_in;
         dx[j] = v * undo + (p.D ? c->d * dzv[j] : 0.f);
-        const bool in = t + j < p.L;
-        const float gi = (p.g_in.p && in) ? load<bf16_t>(p.g_in, b, c->x.h, t + j, "g_in") : 1.f;
-        du[j] = gi * dx[j];
-        dgi[j] = u[j] * dx[j];
-        if (in) *dD += dzv[j] * gi * u[j];
       }
-      store_row<C>(p.du, b, c->x.h, t, p.L, du, "du");
-      if (p.dg_in.p) store_row<C>(p.dg_in, b, c->x.h, t, p.L, dgi, "dg_in");
+      c->x.raw<C>(pi, r, t, u);
+      if (p.g_in.p) {
+        gate_vals<C, false>(p.g_in, c->x.gvec, b, c->x.h, t, p.L, "g_in", g);
+      } else {
+        FC_UNROLL
+        for (int j = 0; j < C; ++j) g[j] = 1.f;
+      }
+      FC_UNROLL
+      for (int j = 0; j < C; ++j)
+        if (t + j < p.L) *dD += dzv[j] * g[j] * u[j];
+      if (p.dg_in.p) {
+        float dgi[C];
+        FC_UNROLL
+        for (int j = 0; j < C; ++j) dgi[j] = u[j] * dx[j];
+        store_row<C>(p.dg_in, b, c->x.h, t, p.L, dgi, "dg_in");
+      }
+      FC_UNROLL
+      for (int j = 0; j < C; ++j) dx[j] *= g[j];  // du
+      store_row<C>(p.du, b, c->x.h, t, p.L, dx, "du");
     }
   }
 };
@@ -299,9 +310,10 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, 1) fftconv_bwd_tc_kernel(BwdParams p) 
   uint16_t* stage = staged ? rows + (gz ? 3 : 2) * row_block : nullptr;
   const size_t stage_block = size_t(N) << lgpp;  // pp stagings of two rows of N/2
   c.x = StagedIn<true>{stage, p.u, p.g_in, "u", "g_in", h, 0, p.B, p.L, lgN, lgpp,
-                       vectorizable(p.u.p, p.u.sb, p.u.sh, p.u.st, 8)};
+                       vectorizable(p.u.p, p.u.sb, p.u.sh, p.u.st, 8), gate_vectorizable(p.g_in)};
   c.dz = StagedIn<true>{staged ? stage + stage_block : nullptr, p.dy, p.g_out, "dy", "g_out", h, 0,
-                        p.B, p.L, lgN, lgpp, vectorizable(p.dy.p, p.dy.sb, p.dy.sh, p.dy.st, 8)};
+                        p.B, p.L, lgN, lgpp, vectorizable(p.dy.p, p.dy.sb, p.dy.sh, p.dy.st, 8),
+                        gate_vectorizable(p.g_out)};
   c.d = p.D ? hw::ldg(p.D + h, "D") : 0.f;
   c.k_exp = hw::ldg(p.spec.k_exp + h, "k_exp");
   c.gains = Gains<cf16>::round_trip_exp(make_plan(N)) - lgN + c.k_exp;

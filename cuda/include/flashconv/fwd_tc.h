@@ -52,7 +52,7 @@ struct FwdEpilogue {
   int64_t pair0;
   float d;
   int gains, shift;
-  bool vec_y;
+  bool vec_y, vec_go;  // y writable, g_out readable in runs (vectorizable, gate_vectorizable)
   int* bad;  // a non-finite conv value for a finite input
 
   template <int C>
@@ -75,7 +75,12 @@ struct FwdEpilogue {
           if (p->z.p) store<float>(p->z, b, in->h, t + j, y[j], "z");
           y[j] = epilogue(y[j], p->act, p->mask, b, in->h, t + j);
         }
-        if (p->g_out.p && t + j < p->L) y[j] *= load<bf16_t>(p->g_out, b, in->h, t + j, "g_out");
+      }
+      if (p->g_out.p) {
+        float go[C];
+        gate_vals<C, false>(p->g_out, vec_go, b, in->h, t, p->L, "g_out", go);
+        FC_UNROLL
+        for (int j = 0; j < C; ++j) y[j] *= go[j];
       }
       if (kEpi && !p->y.p) continue;  // z only
       bf16_t* dst = static_cast<bf16_t*>(p->y.p) + b * p->y.sb + in->h * p->y.sh;
@@ -119,7 +124,7 @@ FC_DEVICE void fwd_run(const FwdParams& p, const Rows& w, Staged in, const Frags
   const float d = p.D ? hw::ldg(p.D + in.h, "D") : 0.f;
   const int gains = Gains<cf16>::round_trip_exp(make_plan(int64_t(1) << w.lgN)) - w.lgN +
                     hw::ldg(p.spec.k_exp + in.h, "k_exp");
-  const bool vec_y = vectorizable(p.y.p, p.y.sb, p.y.sh, p.y.st, kCols<R>);
+  const bool vec_y = vectorizable(p.y.p, p.y.sb, p.y.sh, p.y.st, kCols<R>), vec_go = gate_vectorizable(p.g_out);
   int parity = 0;
   for (int it = hw::block_idx_y(); it < iters; it += hw::grid_dim_y(), parity ^= 1) {
     in.pair0 = int64_t(it) << w.lgpp;
@@ -137,7 +142,7 @@ FC_DEVICE void fwd_run(const FwdParams& p, const Rows& w, Staged in, const Frags
       FC_REGION("inv.r");
       int bad = 0;
       inverse_r<R>(w, false, FwdEpilogue<kEpi>{&p, &in, red[parity], in.pair0, d, gains, kRetryShift * attempt,
-                                         vec_y, &bad});
+                                         vec_y, vec_go, &bad});
       FC_REGION("overflow");
       if (!hw::sync_block_or(bad) || attempt >= kRetries) break;
     }
@@ -169,7 +174,8 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, FC_FWD_TC_MIN_BLOCKS(kEpi)) fftconv_fw
   uint16_t* smem = hw::dyn_smem<uint16_t>();
   const Rows w{smem + (k_smem ? (size_t(2) << lgN) : 0), lgN, plan_lgr(lgN), plan_m(lgN), fwd_lgpp(lgN)};
   const Staged in{w.W + (size_t(2) << (lgN + w.lgpp)), p.u, p.g_in, "u", "g_in", hw::block_idx_x(),
-                  0, p.B, p.L, lgN, w.lgpp, vectorizable(p.u.p, p.u.sb, p.u.sh, p.u.st, 8)};
+                  0, p.B, p.L, lgN, w.lgpp, vectorizable(p.u.p, p.u.sb, p.u.sh, p.u.st, 8),
+                  gate_vectorizable(p.g_in)};
   if (hw::warp_id() == 0) store_frags(&frags);
   if (k_smem) {
     FC_REGION("k.smem");

@@ -227,7 +227,7 @@ FC_DEVICE Tw256 make_tw256() {
   return w;
 }
 
-// ---- staged inputs -------------------------------------------------------------------------
+// ---- staged inputs and gates -----------------------------------------------------------------
 
 // View v is readable `elems` elements at a time at 2 * elems-byte alignment: unit stride and
 // every row start aligned.
@@ -236,39 +236,86 @@ FC_DEVICE bool vectorizable(const void* ptr, int64_t sb, int64_t sh, int64_t st,
   return ptr && st == 1 && a % (2 * elems) == 0 && sb % elems == 0 && sh % elems == 0;
 }
 
-// A bfloat16 input of pp pairs staged in shared memory (per pair two rows of N/2, zero beyond
-// L and for a missing row), times an optional gate read from global memory: x = gate * staged.
-// kMayBeDirect and U null: not staged -- every read goes to global memory (the first from HBM,
-// the rest served by the L2), for the bf16 backward at N = 16K, whose rows leave no room for
-// stagings. (A template flag, so that the forward, always staged, carries none of that code:
-// it cost its registers a spill.)
-template <bool kMayBeDirect>
+// A gate (bf16, or float32 where g.f32) is readable in runs of up to 8 elements at run-aligned
+// t: unit stride, a 16-byte aligned start, rows starting at multiples of 8 elements.
+FC_DEVICE bool gate_vectorizable(const View3& g) {
+  return g.p && g.st == 1 && reinterpret_cast<uintptr_t>(g.p) % 16 == 0 && g.sb % 8 == 0 && g.sh % 8 == 0;
+}
+
+template <int C>
+struct alignas(4 * C) Vf {
+  float f[C];
+};
+
+// Values t .. t+C-1 (t a multiple of C) of row (b, h) of a bf16 view as packed halves (V: V16
+// or Vh<C>), zero beyond L: one load where `vec` (the view is readable C elements at a time at
+// run-aligned t) and the run lies inside L, else element by element.
+template <int C, class V>
+FC_DEVICE V fetch_bf16(const View3& s, bool vec, int64_t b, int64_t h, int64_t t, int64_t L,
+                       const char* name) {
+  const bf16_t* row = static_cast<const bf16_t*>(s.p) + b * s.sb + h * s.sh;
+  if (vec && t + C <= L) return hw::ldg(reinterpret_cast<const V*>(row + t), name);
+  V v{};
+  FC_UNROLL
+  for (int j = 0; j < C; ++j)  // (constant indices: the array stays in registers)
+    if (t + j < L) v.w[j >> 1] |= uint32_t(hw::ldg(row + (t + j) * s.st, name).bits) << (16 * (j & 1));
+  return v;
+}
+
+// A present gate's values t .. t+C-1 of row (b, h) as floats (t a multiple of C; C = 2, 4, 8),
+// 0 beyond L: one 2C-byte load (bf16) or 4C-byte loads of at most 16 bytes (float32) where
+// `vec` (gate_vectorizable) and the run lies inside L, else element by element. kF32: the
+// gate may be float32 (g.f32; only the backward's g_out, with the fused epilogue), so that
+// the other callers carry no code for it.
+template <int C, bool kF32>
+FC_DEVICE void gate_vals(const View3& g, bool vec, int64_t b, int64_t h, int64_t t, int64_t L,
+                         const char* name, float (&out)[C]) {
+  if (kF32 && g.f32) {
+    if (vec && t + C <= L) {
+      constexpr int Q = C < 4 ? C : 4;
+      const float* row = static_cast<const float*>(g.p) + b * g.sb + h * g.sh + t;
+      FC_UNROLL
+      for (int q = 0; q < C; q += Q) {
+        const Vf<Q> v = hw::ldg(reinterpret_cast<const Vf<Q>*>(row + q), name);
+        FC_UNROLL
+        for (int j = 0; j < Q; ++j) out[q + j] = v.f[j];
+      }
+    } else {
+      FC_UNROLL
+      for (int j = 0; j < C; ++j) out[j] = t + j < L ? load<float>(g, b, h, t + j, name) : 0.f;
+    }
+    return;
+  }
+  const Vh<C> v = fetch_bf16<C, Vh<C>>(g, vec, b, h, t, L, name);
+  FC_UNROLL
+  for (int j = 0; j < C; ++j) out[j] = (j & 1) ? bf16_hi(v.w[j >> 1]) : bf16_lo(v.w[j >> 1]);
+}
+
+// kBwd (the backward's inputs) and U null: not staged -- every read goes to global memory (the
+// first from HBM, the rest served by the L2), for the bf16 backward at N = 16K, whose rows
+// leave no room for stagings; kBwd also admits a float32 gate. (A template flag, so that the
+// forward, always staged with bf16 gates, carries none of that code: it cost its registers a
+// spill.)
+template <bool kBwd>
 struct StagedIn {
   uint16_t* U;
   View3 src, gate;  // src: what is staged; gate.p null: none (bf16, or float32 where gate.f32)
   const char *src_name, *gate_name;
   int64_t h, pair0, B, L;
   int lgN, lgpp;
-  bool vec;  // src readable 16 bytes at a time
+  bool vec;   // src readable 16 bytes at a time
+  bool gvec;  // the gate: gate_vectorizable
 
-  FC_DEVICE bool direct() const { return kMayBeDirect && !U; }
+  FC_DEVICE bool direct() const { return kBwd && !U; }
   FC_DEVICE uint16_t* row(int pi, int r) const { return U + ((2 * pi + r) << (lgN - 1)); }
   FC_DEVICE const bf16_t* src_row(int64_t b) const {
     return static_cast<const bf16_t*>(src.p) + b * src.sb + h * src.sh;
   }
 
-  // The source's values t .. t+C-1 of row b from global memory (zero beyond L and for b >= B):
-  // one 2C-byte load where the source allows (t is a multiple of C), else element by element.
+  // The source's values t .. t+C-1 of row b from global memory (zero beyond L and for b >= B).
   template <int C, class V>
   FC_DEVICE V fetch(int64_t b, int64_t t) const {
-    V v{};
-    if (b >= B || t >= L) return v;
-    const bf16_t* s = src_row(b);
-    if (vec && t + C <= L) return hw::ldg(reinterpret_cast<const V*>(s + t), src_name);
-    FC_UNROLL
-    for (int j = 0; j < C; ++j)  // (constant indices: the array stays in registers)
-      if (t + j < L) v.w[j >> 1] |= uint32_t(hw::ldg(s + (t + j) * src.st, src_name).bits) << (16 * (j & 1));
-    return v;
+    return b < B ? fetch_bf16<C, V>(src, vec, b, h, t, L, src_name) : V{};
   }
 
   // Copies the pp pairs' rows in: cp.async, 16 bytes per thread and unit (a synchronous copy
@@ -300,11 +347,19 @@ struct StagedIn {
       const int64_t b = 2 * (pair0 + pi) + r, t0 = int64_t(chunk) * 8;
       const V16 v = direct() ? fetch<8, V16>(b, t0) : hw::lds(reinterpret_cast<const V16*>(row(pi, r) + t0));
       float m = 0.f;
-      FC_UNROLL
-      for (int j = 0; j < 8; ++j) {
-        float x = (j & 1) ? bf16_hi(v.w[j >> 1]) : bf16_lo(v.w[j >> 1]);
-        if (gate.p && b < B && t0 + j < L) x *= gate_at<bf16_t>(gate, b, h, t0 + j, gate_name);
-        m = max_nan(m, fabsf(x));
+      if (gate.p && b < B && kBwd && gate.f32) {
+        float g[8];
+        gate_vals<8, kBwd>(gate, gvec, b, h, t0, L, gate_name, g);
+        FC_UNROLL
+        for (int j = 0; j < 8; ++j) m = max_nan(m, fabsf(g[j] * ((j & 1) ? bf16_hi(v.w[j >> 1]) : bf16_lo(v.w[j >> 1]))));
+      } else {  // a bf16 gate, kept packed (fewer live registers); 1 for none
+        const V16 gw = gate.p && b < B ? fetch_bf16<8, V16>(gate, gvec, b, h, t0, L, gate_name)
+                                       : V16{{0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u}};
+        FC_UNROLL
+        for (int j = 0; j < 8; ++j) {
+          const float x = (j & 1) ? bf16_hi(v.w[j >> 1]) : bf16_lo(v.w[j >> 1]);
+          m = max_nan(m, fabsf(x * ((j & 1) ? bf16_hi(gw.w[j >> 1]) : bf16_lo(gw.w[j >> 1]))));
+        }
       }
       FC_UNROLL
       for (int off = 16; off > 0; off >>= 1) m = max_nan(m, hw::shfl_xor(m, off));
@@ -328,11 +383,12 @@ struct StagedIn {
   template <int C>
   FC_DEVICE void x(int pi, int r, int64_t t, float (&out)[C]) const {
     raw<C>(pi, r, t, out);
-    if (gate.p) {
-      const int64_t b = 2 * (pair0 + pi) + r;
+    const int64_t b = 2 * (pair0 + pi) + r;
+    if (gate.p && b < B) {
+      float g[C];
+      gate_vals<C, kBwd>(gate, gvec, b, h, t, L, gate_name, g);
       FC_UNROLL
-      for (int j = 0; j < C; ++j)
-        out[j] = (b < B && t + j < L) ? out[j] * gate_at<bf16_t>(gate, b, h, t + j, gate_name) : 0.f;
+      for (int j = 0; j < C; ++j) out[j] *= g[j];
     }
   }
 };
