@@ -166,6 +166,23 @@ def test_model_row_keys_and_sanity():
     assert row["barriers_per_pair"] > 0
 
 
+@pytest.mark.emu
+@pytest.mark.parametrize("kind", ["fwd_gated", "bwd_gated"])
+def test_model_gated_rows(kind):
+    # H3's gated call in the model: the floor counts the gates (and the backward's gate
+    # gradients), the DRAM estimate covers at least that data, and the dense gates are read
+    # whole sectors at a time (>= 90% of the sectors' bytes used: vectorised gate loads).
+    from bench import model
+    pytest.importorskip("numpy")
+    row = model.model_row(kind, "bf16", 1024, lint=[])
+    data = 64 * 768 * 1024 * 2
+    assert row["floor_bytes"] == (4 if kind == "fwd_gated" else 7) * data + 768 * 4 * (
+        1024 + 1) * (1 if kind == "fwd_gated" else 2)
+    assert row["dram_bytes"] >= (4 if kind == "fwd_gated" else 7) * data
+    assert row["global_sector_efficiency"] >= 0.9
+    assert row["modeled_time_s"] >= row["floor_time_s"]
+
+
 def test_ncu_compare_reads_raw_csv(tmp_path):
     # bench/ncu_compare.py's reader on a synthetic `ncu --csv --page raw` file.
     from bench import ncu_compare
