@@ -72,6 +72,14 @@ def epilogue_params(B, H, L, act, mask):
     return inputs, params
 
 
+def run_case(case, inputs, variant, sm, params, counters=None):
+    """The driver's outputs for one case; counters: a list that gets its per-launch counters."""
+    res = emu.run(case, inputs, variant, sm=sm, params=params, counters=counters is not None)
+    if counters is not None:
+        counters.extend(res.counters)
+    return res.outputs
+
+
 def u_layout(B, H, L, strided):
     """How u (and the gates, which share its strides) are laid out for the driver: (spread, the
     stride params, offset). strided: every other element of a (B, H, 2L+1) buffer, starting
@@ -107,10 +115,7 @@ def run_fwd(u, k, dtype, D=None, g_in=None, g_out=None, strided=False, variant="
         params["has_gates"] = 1
     ei, ep = epilogue_params(B, H, L, act, mask)
     params.update(ep, want_z=int(want_z))
-    res = emu.run(CASE[dtype], {**inputs, **ei}, variant, sm=sm, params=params, counters=counters is not None)
-    if counters is not None:
-        counters.extend(res.counters)
-    out = res.outputs
+    out = run_case(CASE[dtype], {**inputs, **ei}, variant, sm, params, counters)
     return out["z"].astype(np.float64) if want_z else from_io(out["y"], dtype)
 
 
@@ -240,10 +245,7 @@ def run_bwd(u, k, dy, dtype, D=None, g_in=None, g_out=None, variant="plain", num
     if gate32 is not None:
         inputs["g_out32"] = np.ascontiguousarray(gate32, np.float32).reshape(-1)
         params["gate32"] = 1
-    res = emu.run(BWD_CASE[dtype], inputs, variant, sm=sm, params=params, counters=counters is not None)
-    if counters is not None:
-        counters.extend(res.counters)
-    out = res.outputs
+    out = run_case(BWD_CASE[dtype], inputs, variant, sm, params, counters)
     return {key: (from_io(v, dtype) if key in ("du", "dg_in", "dg_out") else v.astype(np.float64))
             for key, v in out.items()}
 

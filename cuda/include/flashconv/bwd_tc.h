@@ -354,16 +354,16 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, 1) fftconv_bwd_tc_kernel(BwdParams p) 
 // Launch on `stream`: grid (H, CTAs per channel) over iterations of pp pairs. dk, dD and dk_rev
 // must be zeroed by the caller.
 inline hw::Error fftconv_bwd_tc_launch(const BwdParams& p, int num_sms, hw::Stream stream) {
-  if (p.N < tc::kMinN || !tc::bwd_tc_serves(p.N, p.dg_out.p != nullptr) || (p.N & (p.N - 1)) ||
-      2 * p.L > p.N || p.lk > p.L ||
+  const bool gz = p.dg_out.p != nullptr;
+  if (p.N < tc::kMinN || !tc::bwd_tc_serves(p.N, gz) || (p.N & (p.N - 1)) || 2 * p.L > p.N || p.lk > p.L ||
       p.lk_rev > p.L || (p.lk_rev > 0 && !p.dk_rev) || p.H > 0x7fffffff || p.B > 0x7ffffffe ||
       !p.spec.K16)
     return hw::ErrorInvalidValue;
   if (p.B == 0 || p.H == 0 || p.L == 0) return hw::Success;
-  const int lgpp = tc::bwd_lgpp(tc::ilog2(uint32_t(p.N)), p.dg_out.p != nullptr);
+  const int lgpp = tc::bwd_lgpp(tc::ilog2(uint32_t(p.N)), gz);
   const int64_t iters = ((p.B + 1) / 2 + (int64_t(1) << lgpp) - 1) >> lgpp;
   return hw::launch(fftconv_bwd_tc_kernel<bf16_t>, channel_grid(p.H, iters, num_sms), kThreads,
-                    tc::bwd_smem_bytes(p.N, p.dg_out.p != nullptr), stream, p);
+                    tc::bwd_smem_bytes(p.N, gz), stream, p);
 }
 
 }  // namespace flashconv
