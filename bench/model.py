@@ -40,6 +40,7 @@ import datetime
 import glob
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -124,12 +125,20 @@ def pairs_per_iteration(kind, dtype, L):
     return 1
 
 
-def emulate(kind, dtype, L, B):
-    """The emulator's counters for one call (a list of launches); num_sms=0: one CTA."""
+def emulate(kind, dtype, L, B, coverage=None):
+    """The emulator's counters for one call (a list of launches); num_sms=0: one CTA. With
+    coverage (default: where gcov is installed) the driver is the gcov build and every launch
+    carries "lines", the run's line counts of the kernels' headers (tests/emu/build.py)."""
     assert kind in ("fwd", "bwd", "long", "fwd_gated", "bwd_gated"), kind
     case, inputs, params = _inputs(kind, dtype, B, L, np.random.default_rng(L + B))
     params["num_sms"] = 0
-    return emu.run(case, inputs, sm=90, params=params, counters=True, timeout=3600).counters
+    if coverage is None:
+        coverage = shutil.which("gcov") is not None
+    res = emu.run(case, inputs, "coverage" if coverage else "plain", sm=90, params=params,
+                  counters=True, timeout=3600)
+    for launch in res.counters:
+        launch["lines"] = res.lines if coverage else None
+    return res.counters
 
 
 def _flat(region):
@@ -202,21 +211,29 @@ def marked_regions():
         return {}
 
 
-def region_instructions(marked, kernel, region, counts, fallback):
+def region_instructions(marked, kernel, region, counts, fallback, lines=None):
     """Estimated dynamic warp instructions of a region's counts: its counted accesses times the
-    region's static instructions per counted instruction in the marked build; for a region
-    with no counted instruction (set-up code), its static instructions times the warps'
-    entries into it; without a marked build, `fallback` (the kernel-wide ratio) per access."""
+    region's static instructions per counted instruction in the marked build -- over the SASS
+    of source lines the run executed where `lines` (the emulation's gcov line counts) is given
+    (_buildtools.executed_counts), so that fallback paths, other instantiations and switch
+    cases a call never takes are not charged to it; for a region with no counted instruction
+    (set-up code), its (executed) static instructions times the warps' entries into it;
+    without a marked build, `fallback` (the kernel-wide ratio) per access."""
     regs = marked.get(next((k for k in marked if _short(k) == _short(kernel)), ""), {})
     c = regs.get(_buildtools.region_id(region))
     accesses = (counts.get("lds.instr", 0) + counts.get("sts.instr", 0) + counts.get("barriers", 0) +
                 counts.get("mma", 0) + counts.get("shfl", 0) +
                 sum(v for k, v in counts.items() if k.endswith(".requests")))
-    if c and c["counted"]:
-        return accesses * c["instructions"] / c["counted"]
-    if c:
-        return counts.get("entries", 0) * c["instructions"]
-    return accesses * fallback
+    if not c:
+        return accesses * fallback
+    ins, cnt = c["instructions"], c["counted"]
+    if lines and c.get("lines"):
+        e_ins, e_cnt = _buildtools.executed_counts(c["lines"], lines)
+        if e_cnt or not cnt:
+            ins, cnt = e_ins, e_cnt
+    if cnt:
+        return accesses * ins / cnt
+    return counts.get("entries", 0) * ins
 
 
 def region_times(c, gpu, instructions):
@@ -259,9 +276,10 @@ def model_launch(launch2, launch4, dtype, lint, gpu=GPU, B=SCALE_B, H=SCALE_H, p
             first += r.get("ldg.K.sectors", 0) - r.get("ldg.K.first", 0)
         r["dram_bytes"] = 32 * first
         r["l2_bytes"] = 32 * sum(v for k, v in r.items() if k.endswith(".sectors"))
-    times = {name: region_times(r, gpu, region_instructions(marked or {}, launch4["kernel"], name, r,
-                                                           instr_ratio))
-             for name, r in regions.items()}
+    lines = launch4.get("lines")
+    instrs = {name: region_instructions(marked or {}, launch4["kernel"], name, r, instr_ratio, lines)
+              for name, r in regions.items()}
+    times = {name: region_times(r, gpu, instrs[name]) for name, r in regions.items()}
     # One CTA: its regions in sequence (barriers). c CTAs per SM: at best overlapped up to the
     # SM's share of each throughput resource.
     serial = sum(max(t.values()) for t in times.values())
@@ -297,7 +315,8 @@ def model_launch(launch2, launch4, dtype, lint, gpu=GPU, B=SCALE_B, H=SCALE_H, p
         "time_if_serial_s": waves * serial,
         "bound": bound,
         "resource_s": {res: waves * c * v for res, v in sums.items()},
-        "regions": {name: _region_summary(r, times[name], H, pairs) for name, r in regions.items()},
+        "executed_lines": bool(lines),
+        "regions": {name: _region_summary(r, times[name], H, pairs, instrs[name]) for name, r in regions.items()},
     }
 
 
@@ -315,7 +334,7 @@ def _short(kernel):
     return kernel.split("(")[0].replace("void ", "").replace("flashconv::", "").replace("hw::", "")
 
 
-def _region_summary(r, t, H, pairs):
+def _region_summary(r, t, H, pairs, instructions):
     per = H * pairs
     lw, li = r.get("lds.wavefronts", 0), r.get("lds.ideal", 0)
     sw, si = r.get("sts.wavefronts", 0), r.get("sts.ideal", 0)
@@ -327,6 +346,7 @@ def _region_summary(r, t, H, pairs):
         "dram_bytes_per_pair": r["dram_bytes"] * H / per,
         "l2_bytes_per_pair": r["l2_bytes"] * H / per,
         "barriers_per_pair": r.get("barriers", 0) * H / per,
+        "instructions_per_pair": instructions * H / per,
         "cta_seconds": {k: v for k, v in t.items()},
     }
 
@@ -345,11 +365,11 @@ def floor_bytes(kind, dtype, L, B=SCALE_B, H=SCALE_H):
             "bwd_gated": 7 * data + 2 * kern}[kind]
 
 
-def model_row(kind, dtype, L, lint, gpu=GPU, marked=None):
-    """One row: the call's launches modeled at (64, 768) and summed."""
+def model_row(kind, dtype, L, lint, gpu=GPU, marked=None, coverage=None):
+    """One row: the call's launches modeled at (64, 768) and summed (coverage: emulate's)."""
     t0 = time.time()
     pp = pairs_per_iteration(kind, dtype, L)
-    two, four = emulate(kind, dtype, L, 2 * pp), emulate(kind, dtype, L, 4 * pp)
+    two, four = (emulate(kind, dtype, L, n * pp, coverage) for n in (2, 4))
     launches = [model_launch(a, b, dtype, lint, gpu, pp=pp, marked=marked) for a, b in zip(two, four)]
     N = fused_fft_size(L)
     fb = floor_bytes(kind, dtype, L)

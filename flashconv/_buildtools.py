@@ -245,18 +245,31 @@ def region_id(name):
 
 
 def sass_regions(text):
-    """{mangled kernel: {region id or None: {"instructions": n, "counted": n}}} from nvdisasm -c
-    output of a build with -DFLASHCONV_REGION_MARKS: instructions in address order belong to the
-    region of the last `PMTRIG 1<<id` before them (None: before the first marker);
-    subroutines are skipped. `counted` are those the emulator counts one-to-one."""
+    """{mangled kernel: {region id or None: {"instructions": n, "counted": n, "lines": {...}}}}
+    from nvdisasm -c -gi output of a build with -DFLASHCONV_REGION_MARKS: instructions in
+    address order belong to the region of the last `PMTRIG 1<<id` before them (None: before
+    the first marker); subroutines are skipped. `counted` are those the emulator counts
+    one-to-one. `lines` splits the region by source position (with -lineinfo): {chain:
+    [instructions, counted]}, chain being the instruction's inlining frames in flashconv's own
+    headers, innermost first, as "tc_core.h:260<fwd_tc.h:95" ("" without line information), so
+    that a model can leave out code that a run did not execute (executed_counts)."""
     out, cur, region = {}, None, None
+    chain, pending = "", []
     instr = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)([.\w]*)\s*(.*)$")
+    frame = re.compile(r'^\s*//## File "([^"]+)", line (\d+)( inlined at)?')
     for line in text.splitlines():
         m = re.match(r"\s+\.type\s+([^,]+),@function", line)
         if m:
             name = m.group(1)
             cur = None if name.startswith("$") else out.setdefault(name, {})
-            region = None
+            region, chain, pending = None, "", []
+            continue
+        m = frame.match(line)
+        if m:  # a group of frames, innermost first, ends with the one not inlined
+            if "/flashconv/" in m.group(1).replace("\\", "/"):
+                pending.append("%s:%s" % (os.path.basename(m.group(1)), m.group(2)))
+            if not m.group(3):
+                chain, pending = "<".join(pending), []
             continue
         m = instr.match(line)
         if not m or cur is None:
@@ -267,11 +280,30 @@ def sass_regions(text):
             continue
         if op in ("NOP",):
             continue
-        r = cur.setdefault(region, {"instructions": 0, "counted": 0})
+        r = cur.setdefault(region, {"instructions": 0, "counted": 0, "lines": {}})
+        counted = int(op in _COUNTED_OPS)
         r["instructions"] += 1
-        if op in _COUNTED_OPS:
-            r["counted"] += 1
+        r["counted"] += counted
+        at = r["lines"].setdefault(chain, [0, 0])
+        at[0] += 1
+        at[1] += counted
     return out
+
+
+def executed_counts(lines, coverage):
+    """(instructions, counted) of a sass_regions region's `lines` that a run executed:
+    coverage maps "file.h:line" to the times the CPU emulation ran that line (gcov). An
+    instruction counts when every frame of its chain that coverage lists ran (the inlined
+    code's own line and each call site on the way to it, so that an instantiation whose switch
+    case or caller did not run is left out); frames the emulation does not compile (hw.h's
+    device code, for one) are passed over. Line granularity: a line that ran for one caller
+    counts for the others that ran too."""
+    ins = cnt = 0
+    for chain, (n, k) in lines.items():
+        if all(coverage.get(f, 1) > 0 for f in chain.split("<") if f):
+            ins += n
+            cnt += k
+    return ins, cnt
 
 
 def marked_cubin_regions(sources, include, arch="sm_90", cache_dir=None):
@@ -283,7 +315,7 @@ def marked_cubin_regions(sources, include, arch="sm_90", cache_dir=None):
     nvcc, nvdisasm = find_nvcc(), find_cuda_tool("nvdisasm")
     if not nvcc or not nvdisasm:
         raise RuntimeError("the marked lint build needs nvcc and nvdisasm")
-    h = hashlib.sha256(arch.encode())
+    h = hashlib.sha256(arch.encode() + b"lines-v2")
     for path in sorted(list(sources) + sorted(
             os.path.join(d, f) for d, _, fs in os.walk(include) for f in fs)):
         h.update(path.encode() + open(path, "rb").read())
@@ -297,9 +329,9 @@ def marked_cubin_regions(sources, include, arch="sm_90", cache_dir=None):
     with tempfile.TemporaryDirectory(prefix="fc-marked-") as tmp:
         for src in sources:
             cubin = os.path.join(tmp, os.path.basename(src) + ".cubin")
-            _run([nvcc, "-std=c++17", "-arch=" + arch, "-O3", "-DFLASHCONV_REGION_MARKS",
+            _run([nvcc, "-std=c++17", "-arch=" + arch, "-O3", "-lineinfo", "-DFLASHCONV_REGION_MARKS",
                   "--expt-relaxed-constexpr", "-I", include, "-cubin", "-o", cubin, src])
-            for name, regs in sass_regions(_run([nvdisasm, "-c", cubin])).items():
+            for name, regs in sass_regions(_run([nvdisasm, "-c", "-gi", cubin])).items():
                 result[name] = regs
     names = _demangle(list(result))
     result = {names[k]: v for k, v in result.items()}

@@ -1,6 +1,7 @@
 """The main job (bench/sweep.py) runs end to end on a CPU and writes a complete report and plot."""
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,7 +151,7 @@ def test_model_row_keys_and_sanity():
     # One small row of the performance model (bench/model.py) through the emulator.
     from bench import model
     pytest.importorskip("numpy")
-    row = model.model_row("fwd", "bf16", 256, lint=[])
+    row = model.model_row("fwd", "bf16", 256, lint=[], coverage=shutil.which("gcov") is not None)
     for key in ("kernel", "dtype", "L", "N", "B", "H", "dram_bytes", "floor_bytes", "l2_bytes",
                 "smem_wavefronts", "smem_wavefronts_ideal", "global_sector_efficiency",
                 "barriers_per_pair", "mma_per_pair", "regs", "ctas_per_sm", "warps_per_sm",
@@ -164,6 +165,8 @@ def test_model_row_keys_and_sanity():
     assert row["smem_wavefronts"] >= row["smem_wavefronts_ideal"] > 0
     assert 0 < row["global_sector_efficiency"] <= 1
     assert row["barriers_per_pair"] > 0
+    if shutil.which("gcov"):  # the gcov build's line counts reach the model
+        assert row["executed_lines"]
 
 
 @pytest.mark.emu
@@ -174,7 +177,7 @@ def test_model_gated_rows(kind):
     # whole sectors at a time (>= 90% of the sectors' bytes used: vectorised gate loads).
     from bench import model
     pytest.importorskip("numpy")
-    row = model.model_row(kind, "bf16", 1024, lint=[])
+    row = model.model_row(kind, "bf16", 1024, lint=[], coverage=False)
     data = 64 * 768 * 1024 * 2
     assert row["floor_bytes"] == (4 if kind == "fwd_gated" else 7) * data + 768 * 4 * (
         1024 + 1) * (1 if kind == "fwd_gated" else 2)

@@ -127,6 +127,43 @@ def test_parse_sass_counts_calls_and_local_memory():
     assert k["ops"]["STL"] == 1 and k["ops"]["LDS"] == 1 and k["ops"]["HMMA"] == 1
 
 
+def test_sass_regions_split_by_executed_lines():
+    # The model's instruction estimate leaves out the SASS of lines a run did not execute:
+    # sass_regions keys each instruction by its inlining chain in flashconv's headers, and
+    # executed_counts keeps a chain only when every frame the coverage lists ran.
+    from flashconv._buildtools import executed_counts, sass_regions
+    inc = "/x/cuda/include/flashconv/"
+    text = f"""
+        .type           _Z1kv,@function
+\t//## File "{inc}fwd_tc.h", line 10
+        /*0000*/                   PMTRIG 0x1 ;
+\t//## File "{inc}tc_core.h", line 5 inlined at "{inc}fwd_tc.h", line 20
+\t//## File "{inc}fwd_tc.h", line 20
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   IMAD R0, R1, R2, RZ ;
+\t//## File "/usr/include/cuda_bf16.hpp", line 7 inlined at "{inc}tc_core.h", line 6 inlined at "{inc}fwd_tc.h", line 21
+\t//## File "{inc}tc_core.h", line 6 inlined at "{inc}fwd_tc.h", line 21
+\t//## File "{inc}fwd_tc.h", line 21
+        /*0030*/                   LDG.E.U16 R6, desc[UR4][R2.64] ;
+        /*0040*/                   PRMT R6, R6, 0x5410, R7 ;
+        /*0050*/                   LEA R8, P0, R6, R2, 0x1 ;
+\t//## File "{inc}hw.h", line 99 inlined at "{inc}fwd_tc.h", line 22
+\t//## File "{inc}fwd_tc.h", line 22
+        /*0060*/                   STG.E [R2.64], R6 ;
+"""
+    (name, regs), = sass_regions(text).items()
+    r = regs[0]
+    assert (r["instructions"], r["counted"]) == (6, 3)
+    assert r["lines"] == {"tc_core.h:5<fwd_tc.h:20": [2, 1], "tc_core.h:6<fwd_tc.h:21": [3, 1],
+                          "hw.h:99<fwd_tc.h:22": [1, 1]}
+    # Line 6 (a scalar fallback, say) never ran; hw.h:99 (device code) is not in the coverage.
+    cov = {"tc_core.h:5": 12, "tc_core.h:6": 0, "fwd_tc.h:20": 3, "fwd_tc.h:21": 3, "fwd_tc.h:22": 3}
+    assert executed_counts(r["lines"], cov) == (3, 2)
+    # A caller that never ran (another switch case) drops the code inlined into it.
+    assert executed_counts(r["lines"], {**cov, "fwd_tc.h:20": 0}) == (1, 1)
+    assert executed_counts(r["lines"], {}) == (6, 3)  # nothing known: all of it
+
+
 @pytest.mark.parametrize("arch, regs, smem, ctas, limit", [
     ("sm_90", 128, 0, 2, "registers"),         # 4096 registers per warp: 16 warps
     ("sm_90", 64, 0, 4, "registers"),

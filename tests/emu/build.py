@@ -42,6 +42,9 @@ VARIANTS = {
 # overflow retry paths run on ordinary data.
 TEST_VARIANTS = {
     "fp16limit8": ["-DFLASHCONV_FP16_STORE_LIMIT=8.0f", "-DFLASHCONV_FP16_OVERFLOW_AT=8.0f"],
+    # gcov line counts of the kernels' headers (Result.lines; bench/model.py leaves the SASS of
+    # lines that did not run out of its instruction estimate).
+    "coverage": ["--coverage"],
 }
 SANITIZER_ENV = {
     "TSAN_OPTIONS": "halt_on_error=0 exitcode=66",  # report every race, then fail the run
@@ -92,7 +95,7 @@ def driver(variant: str = "plain") -> Path:
     _compile([CXX, *flags, "-I", str(INCLUDE), "-I", str(HERE), str(HERE / "driver.cpp")], exe)
     # Drop binaries of older sources, but not ones another session may be running right now.
     for old in exe.parent.glob("driver-*"):
-        if old != exe and time.time() - old.stat().st_mtime > 3600:
+        if not old.name.startswith(exe.name) and time.time() - old.stat().st_mtime > 3600:
             old.unlink(missing_ok=True)
     return exe
 
@@ -105,6 +108,9 @@ class Result:
     # With counters=True: one dict per launch (kernel, grid, threads, smem_bytes, regions), as
     # tests/emu/driver.cpp writes hw::emu::launches().
     counters: list = field(default_factory=list)
+    # Variant "coverage": {"tc_core.h:260": times run} for the lines of cuda/include/flashconv
+    # that the compiled driver holds (gcov; summed over template instantiations).
+    lines: dict = field(default_factory=dict)
 
 
 def run(case: str, inputs: dict[str, np.ndarray] | None = None, variant: str = "plain",
@@ -119,13 +125,39 @@ def run(case: str, inputs: dict[str, np.ndarray] | None = None, variant: str = "
             np.save(d / f"{name}.npy", np.ascontiguousarray(a))
         args = [str(exe), case, str(d), f"sm={sm}"]
         args += [f"{k}={v}" for k, v in {**(params or {}), **({"counters": 1} if counters else {})}.items()]
-        p = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, **SANITIZER_ENV})
+        env = {**os.environ, **SANITIZER_ENV}
+        if variant == "coverage":
+            env["GCOV_PREFIX"] = str(d / "gcov")  # this run's counts, apart from any other's
+        p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
         outputs = {f.stem: np.load(f) for f in d.glob("*.npy") if f.stem not in inputs}
         stats = json.loads((d / "counters.json").read_text()) if (d / "counters.json").exists() else []
+        lines = _gcov_lines(exe, d / "gcov") if variant == "coverage" else {}
     if check and p.returncode != 0:
         raise AssertionError(f"{case} [{variant}] exited with {p.returncode}:\n{p.stderr}")
-    return Result(p.returncode, p.stderr, outputs, stats)
+    return Result(p.returncode, p.stderr, outputs, stats, lines)
+
+
+def _gcov_lines(exe: Path, prefix: Path) -> dict:
+    """{"file.h:line": count} of cuda/include/flashconv from the .gcda a coverage run of `exe`
+    left under `prefix` (its notes file, written by the compile beside exe, is copied next to
+    it for gcov)."""
+    out: dict = {}
+    for gcda in prefix.rglob("*.gcda"):
+        gcno = exe.parent / (gcda.stem + ".gcno")
+        if not gcno.exists():
+            raise RuntimeError(f"coverage: no notes file {gcno} for {gcda}")
+        shutil.copy(gcno, gcda.with_suffix(".gcno"))
+        p = subprocess.run(["gcov", "--json-format", "--stdout", gcda.name], cwd=gcda.parent,
+                           capture_output=True, text=True, check=True)
+        for doc in p.stdout.splitlines():
+            for f in json.loads(doc)["files"]:
+                path = Path(f["file"])
+                if path.parent != INCLUDE / "flashconv":
+                    continue
+                for ln in f["lines"]:
+                    key = f"{path.name}:{ln['line_number']}"
+                    out[key] = out.get(key, 0) + ln["count"]
+    return out
 
 
 @functools.cache
