@@ -217,14 +217,20 @@ def region_instructions(marked, kernel, region, counts, fallback, lines=None):
     of source lines the run executed where `lines` (the emulation's gcov line counts) is given
     (_buildtools.executed_counts), so that fallback paths, other instantiations and switch
     cases a call never takes are not charged to it; for a region with no counted instruction
-    (set-up code), its (executed) static instructions times the warps' entries into it;
-    without a marked build, `fallback` (the kernel-wide ratio) per access."""
+    (set-up code), its (executed) static instructions times the warps' entries into it; for a
+    kernel without region marks (the fp32-stage and two-level kernels) the ratio of its whole
+    executed SASS; without a marked build, `fallback` (the kernel-wide ratio) per access."""
     regs = marked.get(next((k for k in marked if _short(k) == _short(kernel)), ""), {})
     c = regs.get(_buildtools.region_id(region))
     accesses = (counts.get("lds.instr", 0) + counts.get("sts.instr", 0) + counts.get("barriers", 0) +
                 counts.get("mma", 0) + counts.get("shfl", 0) +
                 sum(v for k, v in counts.items() if k.endswith(".requests")))
-    if not c:
+    if not c:  # a kernel without region marks: its whole executed SASS, where known
+        whole = regs.get(None) if len(regs) == 1 else None
+        if lines and whole and whole.get("lines"):
+            e_ins, e_cnt = _buildtools.executed_counts(whole["lines"], lines)
+            if e_cnt:
+                return accesses * e_ins / e_cnt
         return accesses * fallback
     ins, cnt = c["instructions"], c["counted"]
     if lines and c.get("lines"):
