@@ -127,6 +127,22 @@ def test_parse_sass_counts_calls_and_local_memory():
     assert k["ops"]["STL"] == 1 and k["ops"]["LDS"] == 1 and k["ops"]["HMMA"] == 1
 
 
+@pytest.mark.parametrize("header", ["fwd_tc.h", "bwd_tc.h"])
+def test_region_marks_distinct(header):
+    # The marked SASS build tells a kernel's regions apart by PMTRIG 1 << region_id(name), a
+    # hash mod 16: two regions of one kernel with the same id would pool their instructions
+    # (the backward's "dk" shared id 8 with "kernel" until 2026-11-30, and was charged the
+    # set-up code's instructions per access).
+    import re
+    from flashconv._buildtools import region_id
+    inc = ROOT / "cuda" / "include" / "flashconv"
+    names = set(re.findall(r'FC_REGION\("([^"]+)"\)', (inc / header).read_text() + (inc / "tc_core.h").read_text()))
+    ids = {}
+    for n in sorted(names):
+        ids.setdefault(region_id(n), []).append(n)
+    assert len(names) >= 6 and all(len(v) == 1 for v in ids.values()), ids
+
+
 def test_sass_regions_split_by_executed_lines():
     # The model's instruction estimate leaves out the SASS of lines a run did not execute:
     # sass_regions keys each instruction by its inlining chain in flashconv's headers, and

@@ -260,7 +260,7 @@ FC_DEVICE void bwd_run(BwdCtx& c, const FragsSmem* frags, const uint16_t* Ks, co
       const bool overflow = hw::sync_block_or(bad) != 0;
       if (overflow && attempt < kRetries) continue;
       dD += dD_pair;
-      FC_REGION("dk");  // the group's lags into the CTA's accumulators
+      FC_REGION("dk.acc");  // the group's lags into the CTA's accumulators
       const int64_t N = int64_t(1) << c.wx.lgN;
       for (int64_t s = hw::thread_idx(); s < N / 2; s += kThreads) {
         float a = 0.f, ar = 0.f;
@@ -337,7 +337,7 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(kThreads, 1) fftconv_bwd_tc_kernel(BwdParams p) 
     case 2: tc::bwd_run<4>(c, &frags, Ks, Kg, red, iters, dD); break;
     default: tc::bwd_run<8>(c, &frags, Ks, Kg, red, iters, dD); break;
   }
-  FC_REGION("dk.out");  // the CTA's dk, dk_rev and dD into HBM (other CTAs may share h)
+  FC_REGION("dk.flush");  // the CTA's dk, dk_rev and dD into HBM (other CTAs may share h)
   hw::sync_block();
   for (int64_t s = hw::thread_idx(); s < p.lk; s += kThreads)
     hw::atomic_add(p.dk + h * p.lk + s, hw::lds(dk_acc + s), "dk");
