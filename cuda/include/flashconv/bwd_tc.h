@@ -79,6 +79,13 @@ FC_DEVICE float pair_undo(const uint32_t* red, int pi, int extra) {
   return ldexpf(1.f, scale_exponent(max_of(red, pi)) + extra);
 }
 
+// What the outputs of a pair share in the backward's epilogues (EpiloguePair): the scale that
+// undoes the input scaling and the stage gains, and whether the pair's inputs are finite.
+struct PairScale {
+  float undo;
+  bool finite_in;
+};
+
 // y (C values at t of row b of channel h) into a bf16 output: 2C bytes at once where the view
 // allows, else element by element.
 template <int C>
@@ -102,12 +109,16 @@ struct DxEpilogue {
   const BwdCtx* c;
   float* dD;
   int* bad;
+  using PairState = PairScale;
+  FC_DEVICE PairState pair_state(int pi) const {
+    return {pair_undo(c->redz, pi, c->shift + c->gains), finite(max_of(c->redz, pi))};
+  }
   template <int C>
-  FC_DEVICE void operator()(int pi, int64_t t, const float (&re)[C], const float (&im)[C]) const {
+  FC_DEVICE void emit(int pi, const PairState& s, int64_t t, const float (&re)[C], const float (&im)[C]) const {
     const BwdParams& p = *c->p;
     if (t >= p.L) return;
-    const float undo = pair_undo(c->redz, pi, c->shift + c->gains);
-    const bool finite_in = finite(max_of(c->redz, pi));
+    const float undo = s.undo;
+    const bool finite_in = s.finite_in;
     FC_UNROLL
     for (int r = 0; r < 2; ++r) {
       const int64_t b = 2 * (c->x.pair0 + pi) + r;
@@ -147,12 +158,16 @@ struct DxEpilogue {
 struct ZEpilogue {
   const BwdCtx* c;
   int* bad;
+  using PairState = PairScale;
+  FC_DEVICE PairState pair_state(int pi) const {
+    return {pair_undo(c->redx, pi, c->shift + c->gains), finite(max_of(c->redx, pi))};
+  }
   template <int C>
-  FC_DEVICE void operator()(int pi, int64_t t, const float (&re)[C], const float (&im)[C]) const {
+  FC_DEVICE void emit(int pi, const PairState& s, int64_t t, const float (&re)[C], const float (&im)[C]) const {
     const BwdParams& p = *c->p;
     if (t >= p.L) return;
-    const float undo = pair_undo(c->redx, pi, c->shift + c->gains);
-    const bool finite_in = finite(max_of(c->redx, pi));
+    const float undo = s.undo;
+    const bool finite_in = s.finite_in;
     FC_UNROLL
     for (int r = 0; r < 2; ++r) {
       const int64_t b = 2 * (c->x.pair0 + pi) + r;
@@ -177,22 +192,29 @@ struct DkEpilogue {
   const BwdCtx* c;
   float* pending;
   int* bad;
-  template <int C>
-  FC_DEVICE void operator()(int pi, int64_t t, const float (&re)[C], const float (&im)[C]) const {
-    const BwdParams& p = *c->p;
+  using PairState = PairScale;
+  FC_DEVICE PairState pair_state(int pi) const {
     const int64_t N = int64_t(1) << c->wx.lgN;
     // two forward transforms feed this inverse: one more transform gain; no K
-    const float undo = ldexpf(1.f, scale_exponent(max_of(c->redx, pi)) + scale_exponent(max_of(c->redz, pi)) +
-                                       2 * c->shift + c->gains - c->k_exp +
-                                       Gains<cf16>::transform_exp(make_plan(N)));
-    const bool finite_in = finite(max_of(c->redx, pi)) && finite(max_of(c->redz, pi));
+    const float mx = max_of(c->redx, pi), mz = max_of(c->redz, pi);
+    return {ldexpf(1.f, scale_exponent(mx) + scale_exponent(mz) + 2 * c->shift + c->gains - c->k_exp +
+                            Gains<cf16>::transform_exp(make_plan(N))),
+            finite(mx) && finite(mz)};
+  }
+  template <int C>
+  FC_DEVICE void emit(int pi, const PairState& s, int64_t t, const float (&re)[C], const float (&im)[C]) const {
+    const BwdParams& p = *c->p;
+    const int64_t N = int64_t(1) << c->wx.lgN;
+    const float undo = s.undo;
+    float probe = 0.f;
     FC_UNROLL
     for (int j = 0; j < C; ++j) {
       const int64_t s = t + j;
-      *bad |= !(finite(re[j]) && finite(im[j])) && finite_in;
+      probe = nan_probe(nan_probe(probe, re[j]), im[j]);
       if (s < p.lk || (p.dk_rev && (s == 0 || N - s < p.lk_rev)))
         hw::sts(pending + (size_t(pi) << c->wx.lgN) + s, re[j] * undo);
     }
+    *bad |= s.finite_in && probe != probe;
   }
 };
 

@@ -55,35 +55,53 @@ struct FwdEpilogue {
   bool vec_y, vec_go;  // y writable, g_out readable in runs (vectorizable, gate_vectorizable)
   int* bad;  // a non-finite conv value for a finite input
 
-  template <int C>
-  FC_DEVICE void operator()(int pi, int64_t t, const float (&re)[C], const float (&im)[C]) const {
-    if (t >= p->L) return;
+  // What the outputs of pair pi share (EpiloguePair): the output scale, whether the pair's
+  // input is finite, how many of its rows exist, and its first row of y (the second is one
+  // batch stride on).
+  struct PairState {
+    int rows;
+    float undo;
+    bool finite_in;
+    bf16_t* y0;
+  };
+
+  FC_DEVICE PairState pair_state(int pi) const {
     const float mx = max_of(red, pi);
-    const float undo = ldexpf(1.f, scale_exponent(mx) + shift + gains);
+    const int64_t b0 = 2 * (pair0 + pi);
+    PairState q{b0 + 1 < p->B ? 2 : (b0 < p->B ? 1 : 0), ldexpf(1.f, scale_exponent(mx) + shift + gains),
+                finite(mx), nullptr};
+    if (q.rows && p->y.p) q.y0 = static_cast<bf16_t*>(p->y.p) + b0 * p->y.sb + in->h * p->y.sh;
+    return q;
+  }
+
+  template <int C>
+  FC_DEVICE void emit(int pi, const PairState& s, int64_t t, const float (&re)[C], const float (&im)[C]) const {
+    if (t >= p->L) return;
+    float probe = 0.f;
     FC_UNROLL
     for (int r = 0; r < 2; ++r) {
-      const int64_t b = 2 * (pair0 + pi) + r;
-      if (b >= p->B) continue;
+      if (r >= s.rows) break;
       float y[C], x[C];
       if (p->D) in->x<C>(pi, r, t, x);
       FC_UNROLL
       for (int j = 0; j < C; ++j) {
         const float v = r ? im[j] : re[j];
-        *bad |= !finite(v) && finite(mx);
-        y[j] = v * undo + (p->D ? d * x[j] : 0.f);
+        probe = nan_probe(probe, v);
+        y[j] = v * s.undo + (p->D ? d * x[j] : 0.f);
         if (kEpi && t + j < p->L) {
+          const int64_t b = 2 * (pair0 + pi) + r;
           if (p->z.p) store<float>(p->z, b, in->h, t + j, y[j], "z");
           y[j] = epilogue(y[j], p->act, p->mask, b, in->h, t + j);
         }
       }
       if (p->g_out.p) {
         float go[C];
-        gate_vals<C, false>(p->g_out, vec_go, b, in->h, t, p->L, "g_out", go);
+        row_vals<C>(bf16_row(p->g_out, 2 * (pair0 + pi) + r, in->h), p->g_out.st, vec_go, t, p->L, "g_out", go);
         FC_UNROLL
         for (int j = 0; j < C; ++j) y[j] *= go[j];
       }
-      if (kEpi && !p->y.p) continue;  // z only
-      bf16_t* dst = static_cast<bf16_t*>(p->y.p) + b * p->y.sb + in->h * p->y.sh;
+      if (kEpi && !s.y0) continue;  // z only
+      bf16_t* dst = s.y0 + r * p->y.sb;
       if (vec_y && t + C <= p->L) {
         Vh<C> v;
         FC_UNROLL
@@ -95,6 +113,7 @@ struct FwdEpilogue {
           if (t + j < p->L) hw::stg(dst + (t + j) * p->y.st, hw::from_float<bf16_t>(y[j]), "y");
       }
     }
+    *bad |= s.finite_in && probe != probe;
   }
 };
 

@@ -95,6 +95,10 @@ FC_DEVICE void unit_root(uint32_t m, int lg, bool inv, float& wr, float& wi) {
   wi = inv ? -s : s;
 }
 
+// probe + v * 0: NaN from the first inf or NaN v on (one fma per value where a finiteness test
+// per value cost a compare and a predicate); test probe != probe once after the values.
+FC_DEVICE float nan_probe(float probe, float v) { return fmaf(v, 0.f, probe); }
+
 FC_DEVICE float bf16_lo(uint32_t w) { return hw::to_float(bf16_t{uint16_t(w)}); }
 FC_DEVICE float bf16_hi(uint32_t w) { return hw::to_float(bf16_t{uint16_t(w >> 16)}); }
 
@@ -249,16 +253,39 @@ struct alignas(4 * C) Vf {
 // Values t .. t+C-1 (t a multiple of C) of row (b, h) of a bf16 view as packed halves (V: V16
 // or Vh<C>), zero beyond L: one load where `vec` (the view is readable C elements at a time at
 // run-aligned t) and the run lies inside L, else element by element.
+// Row (b, h) of a bf16 view: its element 0.
+FC_DEVICE const bf16_t* bf16_row(const View3& s, int64_t b, int64_t h) {
+  return static_cast<const bf16_t*>(s.p) + b * s.sb + h * s.sh;
+}
+
+// fetch_bf16 of a row given by its element 0 and stride.
 template <int C, class V>
-FC_DEVICE V fetch_bf16(const View3& s, bool vec, int64_t b, int64_t h, int64_t t, int64_t L,
-                       const char* name) {
-  const bf16_t* row = static_cast<const bf16_t*>(s.p) + b * s.sb + h * s.sh;
+FC_DEVICE V fetch_row(const bf16_t* row, int64_t st, bool vec, int64_t t, int64_t L, const char* name) {
   if (vec && t + C <= L) return hw::ldg(reinterpret_cast<const V*>(row + t), name);
   V v{};
   FC_UNROLL
   for (int j = 0; j < C; ++j)  // (constant indices: the array stays in registers)
-    if (t + j < L) v.w[j >> 1] |= uint32_t(hw::ldg(row + (t + j) * s.st, name).bits) << (16 * (j & 1));
+    if (t + j < L)
+      v.w[j >> 1] |= uint32_t(hw::ldg(row + (t + j) * st, name).bits) << (16 * (j & 1));
   return v;
+}
+
+template <int C, class V>
+FC_DEVICE V fetch_bf16(const View3& s, bool vec, int64_t b, int64_t h, int64_t t, int64_t L,
+                       const char* name) {
+  return fetch_row<C, V>(bf16_row(s, b, h), s.st, vec, t, L, name);
+}
+
+// Element j of packed bf16 words w (two per word, the lower first).
+FC_DEVICE float bf16_at(const uint32_t* w, int j) { return (j & 1) ? bf16_hi(w[j >> 1]) : bf16_lo(w[j >> 1]); }
+
+// The bf16 values t .. t+C-1 of a row (element 0, stride) as floats, 0 beyond L (fetch_row).
+template <int C>
+FC_DEVICE void row_vals(const bf16_t* row, int64_t st, bool vec, int64_t t, int64_t L, const char* name,
+                        float (&out)[C]) {
+  const Vh<C> v = fetch_row<C, Vh<C>>(row, st, vec, t, L, name);
+  FC_UNROLL
+  for (int j = 0; j < C; ++j) out[j] = bf16_at(v.w, j);
 }
 
 // A present gate's values t .. t+C-1 of row (b, h) as floats (t a multiple of C; C = 2, 4, 8),
@@ -285,9 +312,7 @@ FC_DEVICE void gate_vals(const View3& g, bool vec, int64_t b, int64_t h, int64_t
     }
     return;
   }
-  const Vh<C> v = fetch_bf16<C, Vh<C>>(g, vec, b, h, t, L, name);
-  FC_UNROLL
-  for (int j = 0; j < C; ++j) out[j] = (j & 1) ? bf16_hi(v.w[j >> 1]) : bf16_lo(v.w[j >> 1]);
+  row_vals<C>(bf16_row(g, b, h), g.st, vec, t, L, name, out);
 }
 
 // kBwd (the backward's inputs) and U null: not staged -- every read goes to global memory (the
@@ -307,9 +332,7 @@ struct StagedIn {
 
   FC_DEVICE bool direct() const { return kBwd && !U; }
   FC_DEVICE uint16_t* row(int pi, int r) const { return U + ((2 * pi + r) << (lgN - 1)); }
-  FC_DEVICE const bf16_t* src_row(int64_t b) const {
-    return static_cast<const bf16_t*>(src.p) + b * src.sb + h * src.sh;
-  }
+  FC_DEVICE const bf16_t* src_row(int64_t b) const { return bf16_row(src, b, h); }
 
   // The source's values t .. t+C-1 of row b from global memory (zero beyond L and for b >= B).
   template <int C, class V>
@@ -350,15 +373,12 @@ struct StagedIn {
         float g[8];
         gate_vals<8, kBwd>(gate, gvec, b, h, t0, L, gate_name, g);
         FC_UNROLL
-        for (int j = 0; j < 8; ++j) m = max_nan(m, fabsf(g[j] * ((j & 1) ? bf16_hi(v.w[j >> 1]) : bf16_lo(v.w[j >> 1]))));
+        for (int j = 0; j < 8; ++j) m = max_nan(m, fabsf(g[j] * bf16_at(v.w, j)));
       } else {  // a bf16 gate, kept packed (fewer live registers); 1 for none
         const V16 gw = gate.p && b < B ? fetch_bf16<8, V16>(gate, gvec, b, h, t0, L, gate_name)
                                        : V16{{0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u}};
         FC_UNROLL
-        for (int j = 0; j < 8; ++j) {
-          const float x = (j & 1) ? bf16_hi(v.w[j >> 1]) : bf16_lo(v.w[j >> 1]);
-          m = max_nan(m, fabsf(x * ((j & 1) ? bf16_hi(gw.w[j >> 1]) : bf16_lo(gw.w[j >> 1]))));
-        }
+        for (int j = 0; j < 8; ++j) m = max_nan(m, fabsf(bf16_at(v.w, j) * bf16_at(gw.w, j)));
       }
       FC_UNROLL
       for (int off = 16; off > 0; off >>= 1) m = max_nan(m, hw::shfl_xor(m, off));
@@ -375,7 +395,7 @@ struct StagedIn {
     else if (t < (int64_t(1) << (lgN - 1)))
       w = hw::lds(reinterpret_cast<const Vh<C>*>(row(pi, r) + t));
     FC_UNROLL
-    for (int j = 0; j < C; ++j) out[j] = (j & 1) ? bf16_hi(w.w[j >> 1]) : bf16_lo(w.w[j >> 1]);
+    for (int j = 0; j < C; ++j) out[j] = bf16_at(w.w, j);
   }
 
   // x = gate * staged at t .. t+C-1 of row r of pair pi (0 beyond L or for a missing row).
@@ -482,9 +502,23 @@ FC_DEVICE void forward_r(const Rows& w, const In& in, const uint32_t* red, int s
   if (barrier) hw::sync_block();
 }
 
+// The epilogue of an inverse phase for pair pi: what every output of the pair shares
+// (out.pair_state(pi): its scale, row pointers, ...) is made once per unit, then each run of
+// outputs goes to out.emit(pi, state, t, re, im).
+template <class Out>
+struct EpiloguePair {
+  const Out* out;
+  int pi;
+  typename Out::PairState s;
+  template <int C>
+  FC_DEVICE void operator()(int64_t t, const float (&re)[C], const float (&im)[C]) const {
+    out->emit(pi, s, t, re, im);
+  }
+};
+
 // Inverse radix-r phase: X = X * conj(w_N^(i c)); X = conj(F_r) @ X; hands each unit's outputs
-// to out(pi, t, re[C], im[C]) for the C time indices t .. t+C-1 < N/2 (< N if `full`: negative
-// lags). No barrier at the end (the caller's epilogue decides).
+// to out (EpiloguePair) for the C time indices t .. t+C-1 < N/2 (< N if
+// `full`: negative lags). No barrier at the end (the caller's epilogue decides).
 template <int R, class Out>
 FC_DEVICE void inverse_r(const Rows& w, bool full, const Out& out) {
   constexpr int C = kCols<R>, lgC = C == 4 ? 2 : 1;
@@ -509,13 +543,14 @@ FC_DEVICE void inverse_r(const Rows& w, bool full, const Out& out) {
     twiddle_r<R, C>(re, im, uint32_t(col), lgN, true);
     FC_UNROLL
     for (int j = 0; j < C; ++j) dft_r<R>(re[j], im[j], true, scale_r);
+    const EpiloguePair<Out> o{&out, pi, out.pair_state(pi)};
     FC_UNROLL
     for (int i = 0; i < R; ++i) {
       if (!full && i >= (R > 1 ? R / 2 : 1)) break;  // the discarded half
       float orr[C], oi[C];
       FC_UNROLL
       for (int j = 0; j < C; ++j) orr[j] = re[j][i], oi[j] = im[j][i];
-      out(pi, (int64_t(i) << lgS) + col, orr, oi);
+      o((int64_t(i) << lgS) + col, orr, oi);
     }
   }
 }
