@@ -81,6 +81,7 @@ struct FwdEpilogue {
     FC_UNROLL
     for (int r = 0; r < 2; ++r) {
       if (r >= s.rows) break;
+      const int64_t b = 2 * (pair0 + pi) + r;
       float y[C], x[C];
       if (p->D) in->x<C>(pi, r, t, x);
       FC_UNROLL
@@ -89,14 +90,13 @@ struct FwdEpilogue {
         probe = nan_probe(probe, v);
         y[j] = v * s.undo + (p->D ? d * x[j] : 0.f);
         if (kEpi && t + j < p->L) {
-          const int64_t b = 2 * (pair0 + pi) + r;
           if (p->z.p) store<float>(p->z, b, in->h, t + j, y[j], "z");
           y[j] = epilogue(y[j], p->act, p->mask, b, in->h, t + j);
         }
       }
       if (p->g_out.p) {
         float go[C];
-        row_vals<C>(bf16_row(p->g_out, 2 * (pair0 + pi) + r, in->h), p->g_out.st, vec_go, t, p->L, "g_out", go);
+        row_vals<C>(bf16_row(p->g_out, b, in->h), p->g_out.st, vec_go, t, p->L, "g_out", go);
         FC_UNROLL
         for (int j = 0; j < C; ++j) y[j] *= go[j];
       }

@@ -250,15 +250,14 @@ struct alignas(4 * C) Vf {
   float f[C];
 };
 
-// Values t .. t+C-1 (t a multiple of C) of row (b, h) of a bf16 view as packed halves (V: V16
-// or Vh<C>), zero beyond L: one load where `vec` (the view is readable C elements at a time at
-// run-aligned t) and the run lies inside L, else element by element.
 // Row (b, h) of a bf16 view: its element 0.
 FC_DEVICE const bf16_t* bf16_row(const View3& s, int64_t b, int64_t h) {
   return static_cast<const bf16_t*>(s.p) + b * s.sb + h * s.sh;
 }
 
-// fetch_bf16 of a row given by its element 0 and stride.
+// Values t .. t+C-1 (t a multiple of C) of a bf16 row (its element 0, stride st) as packed
+// halves (V: V16 or Vh<C>), zero beyond L: one load where `vec` (the row is readable C
+// elements at a time at run-aligned t) and the run lies inside L, else element by element.
 template <int C, class V>
 FC_DEVICE V fetch_row(const bf16_t* row, int64_t st, bool vec, int64_t t, int64_t L, const char* name) {
   if (vec && t + C <= L) return hw::ldg(reinterpret_cast<const V*>(row + t), name);
@@ -270,6 +269,7 @@ FC_DEVICE V fetch_row(const bf16_t* row, int64_t st, bool vec, int64_t t, int64_
   return v;
 }
 
+// fetch_row of row (b, h) of a bf16 view (vec: vectorizable, or gate_vectorizable).
 template <int C, class V>
 FC_DEVICE V fetch_bf16(const View3& s, bool vec, int64_t b, int64_t h, int64_t t, int64_t L,
                        const char* name) {
